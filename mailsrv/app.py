@@ -1,0 +1,191 @@
+"""Assemble mailsrv from its configuration: servers, delivery workers, start and stop.
+
+``mailsrv serve`` builds an :class:`App`, which creates (or migrates) the schema, binds
+every enabled listener (logging each bound address: port 0 binds an ephemeral port), drops
+privileges to ``[server] user`` when started as root, starts the delivery workers and
+serves until SIGTERM or SIGINT. Stopping closes the listeners at once, then every session's
+connection, waits up to 5 s for the sessions to end, stops the workers and exits 0.
+
+Tests and scripts use the same class: ``App(config).start()`` then ``app.address("pop3")``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import pwd
+import signal
+import threading
+import time
+from pathlib import Path
+
+from . import db as dbmod
+from .auth import Authenticator
+from .config import Config
+from .server import ConnectionLimiter, MailServer, ServerContext, make_tls_context
+from .store import Store
+
+log = logging.getLogger("mailsrv.app")
+
+STOP_GRACE = 5.0
+
+#: config section -> (module, handler class, has listen_tls)
+PROTOCOLS: dict[str, tuple[str, str]] = {
+    "pop3": ("mailsrv.protocols.pop3", "Pop3Handler"),
+    "pop": ("mailsrv.protocols.pop", "PopHandler"),
+    "mpp": ("mailsrv.protocols.mpp", "MppHandler"),
+}
+#: sections of the config whose servers come with later work; their keys are accepted
+NOT_YET_SERVED = ("odmr", "smtp")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+class App:
+    """Every server and worker of one mailsrv process."""
+
+    def __init__(self, config: Config, *, workers: bool = True):
+        self.config = config
+        self.db = dbmod.Database(config.server.database)
+        self.store = Store(self.db)
+        self.auth = Authenticator(self.store, config.auth)
+        tls = make_tls_context(config.tls.certfile, config.tls.keyfile) if config.tls.enabled else None
+        self.context = ServerContext(
+            config=config,
+            store=self.store,
+            auth=self.auth,
+            limiter=ConnectionLimiter(
+                config.server.max_connections, config.server.max_connections_per_ip
+            ),
+            tls_context=tls,
+        )
+        self.servers: list[MailServer] = []
+        self.workers_enabled = workers
+        self.delivery = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    # --- building --------------------------------------------------------------------
+
+    def prepare_database(self) -> None:
+        revision = dbmod.upgrade(self.db)
+        released = self.store.release_dead_locks()
+        log.info("database ready at revision %s (%s)", revision, self.db.engine.url.render_as_string())
+        if released:
+            log.info("released %d maildrop lock(s) of dead processes", released)
+
+    def bind(self) -> None:
+        for section, (module_name, class_name) in PROTOCOLS.items():
+            settings = getattr(self.config, section)
+            plain = settings.listen
+            implicit = getattr(settings, "listen_tls", ())
+            if not plain and not implicit:
+                continue
+            handler = getattr(importlib.import_module(module_name), class_name)
+            for address in plain:
+                self._bind_one(address, handler, implicit_tls=False)
+            for address in implicit:
+                if self.context.tls_context is None:
+                    raise SystemExit(f"[{section}] listen_tls needs [tls] certfile and keyfile")
+                self._bind_one(address, handler, implicit_tls=True)
+        for section in NOT_YET_SERVED:
+            settings = getattr(self.config, section)
+            if any(getattr(settings, key, ()) for key in ("listen", "submission")):
+                log.info("[%s] is configured but not served by this version", section)
+
+    def _bind_one(self, address, handler, *, implicit_tls: bool) -> None:
+        try:
+            server = MailServer(address, handler, self.context, implicit_tls=implicit_tls)
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot listen on {address[0]}:{address[1]} for {handler.protocol}: {exc.strerror}"
+            ) from None
+        self.servers.append(server)
+        host, port = server.address
+        log.info("%s listening on %s:%d", server.name, host, port)
+
+    def address(self, name: str) -> tuple[str, int]:
+        """The bound (host, port) of the first server called ``name`` (``pop3``, ``pop3s``…)."""
+        for server in self.servers:
+            if server.name == name:
+                return server.address
+        raise KeyError(name)
+
+    def drop_privileges(self) -> None:
+        user = self.config.server.user
+        if os.getuid() != 0 or not user:
+            return
+        entry = pwd.getpwnam(user)
+        path = dbmod.sqlite_path(self.db.url)
+        if path:
+            for target in (Path(path).parent, *Path(path).parent.glob(Path(path).name + "*")):
+                os.chown(target, entry.pw_uid, entry.pw_gid)
+        self.db.dispose()  # reopen the database as the new user
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+        log.info("running as %s", user)
+
+    # --- running ---------------------------------------------------------------------
+
+    def start(self) -> App:
+        """Prepare the database, bind, start serving and the workers; return self."""
+        self.prepare_database()
+        self.bind()
+        self.drop_privileges()
+        for server in self.servers:
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                name=f"serve-{server.name}", daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        if self.workers_enabled:
+            self.start_workers()
+        return self
+
+    def start_workers(self) -> None:
+        try:
+            from .delivery.worker import DeliveryPool
+        except ImportError:
+            return
+        self.delivery = DeliveryPool(self.store, self.config)
+        self.context.extras["wake_delivery"] = self.delivery.wake
+        self.delivery.start()
+
+    def stop(self, grace: float = STOP_GRACE) -> bool:
+        """Close listeners at once, sessions within ``grace`` seconds; True if all ended."""
+        stoppers = [threading.Thread(target=s.shutdown) for s in self.servers]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        for server in self.servers:
+            server.server_close()
+        deadline = time.monotonic() + grace
+        for server in self.servers:
+            server.close_sessions()
+        clean = all(server.wait_sessions(deadline) for server in self.servers)
+        if self.delivery is not None:
+            self.delivery.stop(max(0.1, deadline - time.monotonic()))
+        self.db.dispose()
+        log.info("stopped%s", "" if clean else " (some sessions did not end in time)")
+        return clean
+
+    def serve(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._stop.set())
+        self.start()
+        log.info("mailsrv ready on %s", self.config.server.hostname)
+        while not self._stop.wait(1.0):
+            pass
+        log.info("stopping")
+        self.stop()
+        return 0

@@ -1,0 +1,164 @@
+"""Authentication: bcrypt, CRAM-MD5 (RFC 2195), APOP, failure delays and where plaintext may go.
+
+- Password checks always run one bcrypt verification, against a dummy hash of the configured
+  cost when the account is unknown or disabled, so the time taken tells nothing about which
+  addresses exist. ``bcrypt`` releases the GIL, so checks on several threads use every core.
+- After a failure the caller waits :meth:`Authenticator.failure_delay` before answering. The
+  delay grows per peer address as Dovecot's auth penalty does: ``[auth] failure_delay``
+  (2 s), doubling on each further failure to a cap of 15 s, forgotten after
+  :data:`PENALTY_FORGET` seconds without a failure. ``failure_delay = 0`` turns it off.
+- CRAM-MD5 and APOP need the password in a form equivalent to plaintext (``cram_secret``),
+  stored only for accounts created with ``--cram-md5``.
+- Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only from ``plaintext_networks``
+  or over TLS (RFC 2595 section 2.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import bcrypt
+
+from .config import AuthConfig
+from .store import AccountInfo, Store
+
+PENALTY_CAP = 15.0
+PENALTY_FORGET = 3600.0
+
+
+def hash_password(password: str, rounds: int) -> str:
+    """A ``$2b$`` bcrypt hash of the password (UTF-8; bcrypt looks at 72 octets at most)."""
+    return bcrypt.hashpw(password.encode("utf-8")[:72], bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def check_password(password: str, hashed: str) -> bool:
+    try:
+        return bcrypt.checkpw(password.encode("utf-8")[:72], hashed.encode("ascii"))
+    except ValueError:
+        return False
+
+
+def cram_md5_digest(secret: str, challenge: bytes) -> str:
+    """HMAC-MD5 of the challenge keyed by the secret, in lower-case hex (RFC 2195)."""
+    return hmac.new(secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+
+
+def apop_digest(timestamp: str, secret: str) -> str:
+    """MD5 of the greeting timestamp followed by the secret, lower-case hex (RFC 1939 s. 7)."""
+    return hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest()
+
+
+def new_challenge(hostname: str) -> str:
+    """A fresh ``<random.time@host>`` string for CRAM-MD5 and the APOP greeting."""
+    return f"<{secrets.randbelow(10**12)}.{int(time.time())}@{hostname}>"
+
+
+def decode_plain(initial: str) -> tuple[str, str, str] | None:
+    """Decode an AUTH PLAIN response (RFC 4616): (authzid, authcid, password) or None."""
+    try:
+        raw = base64.b64decode(initial, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    parts = raw.split("\0")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass
+class _Penalty:
+    failures: int
+    last: float
+
+
+class Authenticator:
+    """Checks passwords against the store and keeps the per-peer failure penalty."""
+
+    def __init__(self, store: Store, config: AuthConfig):
+        self.store = store
+        self.config = config
+        self._dummy_hash = hash_password(secrets.token_urlsafe(16), config.bcrypt_rounds)
+        self._penalties: dict[str, _Penalty] = {}
+        self._lock = threading.Lock()
+
+    # --- password checks -------------------------------------------------------------
+
+    def check_plain(self, address: str, password: str) -> AccountInfo | None:
+        """The enabled account if the password is right, else None (always one bcrypt check)."""
+        account = self.store.find_account(address) if "@" in address else None
+        if account is None or not account.enabled:
+            check_password(password, self._dummy_hash)
+            return None
+        return account if check_password(password, account.password_hash) else None
+
+    def check_cram(self, address: str, challenge: bytes, digest: str) -> AccountInfo | None:
+        """The account if ``digest`` is the CRAM-MD5 answer to ``challenge``, else None."""
+        account = self.store.find_account(address) if "@" in address else None
+        secret = account.cram_secret if account and account.enabled else None
+        expected = cram_md5_digest(secret or self._dummy_hash, challenge)
+        if hmac.compare_digest(expected, digest.strip().lower()) and secret:
+            return account
+        return None
+
+    def check_apop(self, address: str, timestamp: str, digest: str) -> AccountInfo | None:
+        """The account if ``digest`` is MD5(timestamp + secret), else None."""
+        account = self.store.find_account(address) if "@" in address else None
+        secret = account.cram_secret if account and account.enabled else None
+        expected = apop_digest(timestamp, secret or self._dummy_hash)
+        if hmac.compare_digest(expected, digest.strip().lower()) and secret:
+            return account
+        return None
+
+    # --- failure penalty -------------------------------------------------------------
+
+    def failure_delay(self, peer: str) -> float:
+        """Record a failed login from ``peer`` and return how long to wait before answering."""
+        base = self.config.failure_delay
+        if base <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            penalty = self._penalties.get(peer)
+            if penalty is None or now - penalty.last > PENALTY_FORGET:
+                penalty = self._penalties[peer] = _Penalty(0, now)
+            penalty.failures += 1
+            penalty.last = now
+            if len(self._penalties) > 10_000:
+                self._forget_old(now)
+            return min(base * 2 ** (penalty.failures - 1), max(PENALTY_CAP, base))
+
+    def succeeded(self, peer: str) -> None:
+        """A successful login from ``peer`` clears its penalty."""
+        with self._lock:
+            self._penalties.pop(peer, None)
+
+    def _forget_old(self, now: float) -> None:
+        for peer in [p for p, v in self._penalties.items() if now - v.last > PENALTY_FORGET]:
+            del self._penalties[peer]
+
+    def fail(self, peer: str) -> None:
+        """Wait the failure delay for ``peer`` (call before answering a failed login)."""
+        delay = self.failure_delay(peer)
+        if delay:
+            time.sleep(delay)
+
+    # --- where plaintext may go ------------------------------------------------------
+
+    def plaintext_allowed(self, peer: str, tls_active: bool) -> bool:
+        """May a password cross this connection in the clear (RFC 2595 section 2.1)?"""
+        if tls_active:
+            return True
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.plaintext_networks)

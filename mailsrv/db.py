@@ -1,0 +1,173 @@
+"""The database: engine, short transactions, schema management.
+
+SQLite (the default) runs in WAL mode with ``synchronous=FULL`` (a commit is on disk before
+anyone is told 250 or +OK), a busy timeout, foreign keys on, and every write transaction
+opened with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock.
+PostgreSQL runs at READ COMMITTED; queue claims use ``FOR UPDATE SKIP LOCKED``.
+
+Use :meth:`Database.write` for a transaction that changes something and
+:meth:`Database.read` for one that only reads. Each opens and ends one short transaction;
+no connection is held while a client is being waited for.
+
+The schema is versioned with Alembic (``mailsrv/migrations``): :func:`upgrade` brings any
+database to the newest revision and is idempotent (``mailsrv db init`` and ``db upgrade``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from . import models
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or refused the operation (temporary)."""
+
+
+class Database:
+    """An engine plus the two kinds of short transaction mailsrv uses."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 40):
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict = {"future": True, "pool_pre_ping": self.dialect != "sqlite"}
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=60)
+        else:
+            kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=30)
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+        Raises DatabaseUnavailable when the database cannot be reached or stays locked.
+        """
+        try:
+            with self._sessions() as session, session.begin():
+                session.connection(execution_options={"mailsrv_write": True})
+                yield session
+        except UNAVAILABLE as exc:
+            raise DatabaseUnavailable(_describe(exc)) from exc
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """One read-only transaction (DatabaseUnavailable as for :meth:`write`)."""
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except UNAVAILABLE as exc:
+            raise DatabaseUnavailable(_describe(exc)) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+
+
+def _describe(exc: Exception) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # pysqlite's own transaction handling is off: we emit BEGIN ourselves below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        write = connection.get_execution_options().get("mailsrv_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def alembic_config(db: Database):
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", db.url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(db: Database) -> str:
+    """Create or migrate the schema to the newest revision; return that revision."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(db)
+    with db.engine.connect() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+        connection.commit()
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def current_revision(db: Database) -> str | None:
+    """The Alembic revision the database is at, or None before ``db init``."""
+    from alembic.runtime.migration import MigrationContext
+
+    with db.engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def schema_ready(db: Database) -> bool:
+    try:
+        return inspect(db.engine).has_table("accounts")
+    except OperationalError as exc:
+        raise DatabaseUnavailable(str(exc.orig)) from exc
+
+
+def schema_ddl(dialect_name: str) -> str:
+    """The DDL of every table and index of :mod:`mailsrv.models`, runnable as printed."""
+    if dialect_name == "sqlite":
+        from sqlalchemy.dialects import sqlite as dialect_module
+    elif dialect_name == "postgresql":
+        from sqlalchemy.dialects import postgresql as dialect_module
+    else:
+        raise ValueError(f"unknown dialect {dialect_name!r} (sqlite or postgresql)")
+    dialect = dialect_module.dialect()
+    parts = [f"-- mailsrv schema for {dialect_name}, generated by `mailsrv db schema`"]
+    for table in models.Base.metadata.sorted_tables:
+        parts.append(_tidy(CreateTable(table).compile(dialect=dialect)) + ";")
+        for index in sorted(table.indexes, key=lambda i: i.name or ""):
+            parts.append(_tidy(CreateIndex(index).compile(dialect=dialect)) + ";")
+    return "\n\n".join(parts) + "\n"
+
+
+def _tidy(ddl) -> str:
+    return "\n".join(line.rstrip() for line in str(ddl).strip().splitlines())
+
+
+def sqlite_path(url: str) -> str | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return os.path.abspath(parsed.database)

@@ -1,0 +1,1 @@
+"""The delivery queue: background workers, local delivery, bounces."""

@@ -1,0 +1,1 @@
+"""One module per protocol, each a LineHandler subclass (see mailsrv.server)."""

@@ -1,0 +1,526 @@
+"""Every database operation the servers and the command line need, each one short transaction.
+
+Protocol handlers call these and never SQLAlchemy. The contract of each function is in its
+docstring; the rules that hold for all of them:
+
+- Each call is one transaction: it commits before it returns, or changes nothing and raises.
+- :class:`~mailsrv.db.DatabaseUnavailable` means the database could not be reached (temporary:
+  answer 4xx / ``-ERR [SYS/TEMP]``); :class:`Refused` means the operation is not allowed
+  (its text is a one-line reason a person can read).
+- Addresses and domains are stored lower case; arguments are lowered here.
+- Message numbering is the caller's business: the store deals in message ids, which are
+  never reused, and uids (the UIDL), which are never reused either.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .db import Database
+from .models import (
+    Account,
+    Alias,
+    Domain,
+    MaildropLock,
+    Message,
+    OdmrGrant,
+    QueuedMessage,
+    QueueRecipient,
+    utcnow,
+)
+
+#: how many ids go into one ``IN (...)`` list (SQLite's parameter limit is far above this)
+ID_CHUNK = 500
+
+
+class Refused(Exception):
+    """An operation the store will not do; the text is a one-line reason."""
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    id: int
+    address: str
+    domain_id: int
+    password_hash: str
+    cram_secret: str | None
+    enabled: bool
+    quota_bytes: int | None
+    last_login_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message of a maildrop snapshot: no body."""
+
+    id: int
+    uid: str
+    size: int
+    seen: bool
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    id: int
+    name: str
+    kind: str
+    accounts: int = 0
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``"Ann@Example.ORG"`` -> ``("ann", "example.org")``; Refused when it has no domain."""
+    local, at, domain = address.strip().lower().rpartition("@")
+    if not at or not local or not domain or " " in address.strip():
+        raise Refused(f"not an address: {address!r} (expected local@domain)")
+    return local, domain
+
+
+def new_uid() -> str:
+    """A UIDL: 24 characters of 0-9a-f, unique and never reused (RFC 1939 section 7)."""
+    return secrets.token_hex(12)
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def lock_holder(session_tag: str = "") -> str:
+    """The name a lock or lease holder goes by: ``host:pid`` (plus a tag for one session)."""
+    holder = f"{this_host()}:{os.getpid()}"
+    return f"{holder}:{session_tag}" if session_tag else holder
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True when ``holder`` names a process of this host that no longer runs."""
+    parts = holder.split(":")
+    if len(parts) < 2 or parts[0] != this_host() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _account_info(row: Account) -> AccountInfo:
+    return AccountInfo(
+        id=row.id,
+        address=row.address,
+        domain_id=row.domain_id,
+        password_hash=row.password_hash,
+        cram_secret=row.cram_secret,
+        enabled=row.enabled,
+        quota_bytes=row.quota_bytes,
+        last_login_at=row.last_login_at,
+    )
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    for start in range(0, len(ids), ID_CHUNK):
+        yield ids[start : start + ID_CHUNK]
+
+
+class Store:
+    """The database operations of mailsrv (see the module docstring for the contract)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    # --- accounts --------------------------------------------------------------------
+
+    def find_account(self, address: str) -> AccountInfo | None:
+        """The account with this address (any case), enabled or not; None if there is none."""
+        with self.db.read() as s:
+            row = s.scalars(select(Account).where(Account.address == address.strip().lower())).first()
+            return _account_info(row) if row else None
+
+    def record_login(self, account_id: int) -> None:
+        """Set ``last_login_at`` to now."""
+        with self.db.write() as s:
+            s.execute(update(Account).where(Account.id == account_id).values(last_login_at=utcnow()))
+
+    # --- maildrops -------------------------------------------------------------------
+
+    def snapshot(self, account_id: int) -> list[MessageInfo]:
+        """The account's messages in arrival order (id ascending): ids, uids, sizes; no bodies."""
+        with self.db.read() as s:
+            rows = s.execute(
+                select(Message.id, Message.uid, Message.size, Message.seen)
+                .where(Message.account_id == account_id)
+                .order_by(Message.id)
+            )
+            return [MessageInfo(r.id, r.uid, r.size, bool(r.seen)) for r in rows]
+
+    def read_body(self, account_id: int, message_id: int) -> bytes | None:
+        """The stored message (CRLF line ends, not byte-stuffed); None if it is gone."""
+        with self.db.read() as s:
+            return s.scalar(
+                select(Message.body).where(Message.id == message_id, Message.account_id == account_id)
+            )
+
+    def read_message(self, account_id: int, message_id: int) -> tuple[str, datetime, bytes] | None:
+        """(envelope sender, received_at, body) of one message, or None if it is gone."""
+        with self.db.read() as s:
+            row = s.execute(
+                select(Message.sender, Message.received_at, Message.body).where(
+                    Message.id == message_id, Message.account_id == account_id
+                )
+            ).first()
+            return (row.sender, row.received_at, row.body) if row else None
+
+    def delete_messages(self, account_id: int, ids: Iterable[int]) -> int:
+        """Delete these messages of the account, all or none; return how many were there."""
+        ids = sorted(set(ids))
+        removed = 0
+        with self.db.write() as s:
+            for chunk in _chunks(ids):
+                result = s.execute(
+                    delete(Message).where(Message.account_id == account_id, Message.id.in_(chunk))
+                )
+                removed += result.rowcount
+        return removed
+
+    def set_seen(self, account_id: int, ids: Iterable[int], seen: bool = True) -> None:
+        """Mark these messages retrieved (``seen``) or not."""
+        ids = sorted(set(ids))
+        if not ids:
+            return
+        with self.db.write() as s:
+            for chunk in _chunks(ids):
+                s.execute(
+                    update(Message)
+                    .where(Message.account_id == account_id, Message.id.in_(chunk))
+                    .values(seen=seen)
+                )
+
+    def deliver_local(self, account_id: int, body: bytes, sender: str = "") -> int:
+        """Put a message (CRLF line ends) into the account's mailbox; return its id."""
+        with self.db.write() as s:
+            return self._insert_message(s, account_id, body, sender)
+
+    @staticmethod
+    def _insert_message(s, account_id: int, body: bytes, sender: str) -> int:
+        message = Message(
+            account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body
+        )
+        s.add(message)
+        s.flush()
+        return message.id
+
+    def mailbox_usage(self, account_id: int) -> tuple[int, int]:
+        """(messages, octets) in the account's mailbox."""
+        with self.db.read() as s:
+            row = s.execute(
+                select(func.count(Message.id), func.coalesce(func.sum(Message.size), 0)).where(
+                    Message.account_id == account_id
+                )
+            ).one()
+            return int(row[0]), int(row[1])
+
+    # --- maildrop locks --------------------------------------------------------------
+
+    def acquire_lock(self, account_id: int, holder: str, ttl: float) -> bool:
+        """Take the account's maildrop lock for ``ttl`` seconds; False if someone holds it.
+
+        A lock whose time has run out, or whose holder is a dead process of this host, is
+        taken over. The lock is valid across processes and hosts (it is a row).
+        """
+        now = utcnow()
+        try:
+            with self.db.write() as s:
+                current = s.get(MaildropLock, account_id, with_for_update=True)
+                if current is not None:
+                    if current.expires_at > now and not holder_is_dead(current.holder):
+                        return False
+                    s.delete(current)
+                    s.flush()
+                s.add(
+                    MaildropLock(
+                        account_id=account_id, holder=holder, expires_at=now + timedelta(seconds=ttl)
+                    )
+                )
+            return True
+        except IntegrityError:
+            return False  # another session inserted it first (PostgreSQL)
+
+    def renew_lock(self, account_id: int, holder: str, ttl: float) -> bool:
+        """Extend our lock by ``ttl`` seconds from now; False if we no longer hold it."""
+        with self.db.write() as s:
+            result = s.execute(
+                update(MaildropLock)
+                .where(MaildropLock.account_id == account_id, MaildropLock.holder == holder)
+                .values(expires_at=utcnow() + timedelta(seconds=ttl))
+            )
+            return result.rowcount == 1
+
+    def release_lock(self, account_id: int, holder: str) -> None:
+        """Drop our lock (nothing happens if it is not ours any more)."""
+        with self.db.write() as s:
+            s.execute(
+                delete(MaildropLock).where(
+                    MaildropLock.account_id == account_id, MaildropLock.holder == holder
+                )
+            )
+
+    def release_dead_locks(self) -> int:
+        """Remove the locks of dead processes of this host; return how many."""
+        with self.db.write() as s:
+            rows = s.scalars(
+                select(MaildropLock).where(MaildropLock.holder.like(f"{this_host()}:%"))
+            ).all()
+            dead = [row for row in rows if holder_is_dead(row.holder)]
+            for row in dead:
+                s.delete(row)
+            return len(dead)
+
+    # --- the queue -------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        sender: str,
+        body: bytes,
+        recipients: Sequence[str],
+        origin: str,
+        account_id: int | None = None,
+    ) -> int:
+        """Queue one message for these recipients, all in one transaction; return its id.
+
+        Recipients are stored lower case, each once. Nothing is written unless all are.
+        """
+        unique = list(dict.fromkeys(r.strip().lower() for r in recipients))
+        if not unique:
+            raise Refused("no recipients")
+        rows = [(r, split_address(r)[1]) for r in unique]
+        with self.db.write() as s:
+            queued = QueuedMessage(
+                sender=sender, body=body, size=len(body), origin=origin, account_id=account_id
+            )
+            s.add(queued)
+            s.flush()
+            now = utcnow()
+            s.add_all(
+                QueueRecipient(
+                    queue_id=queued.id, recipient=r, domain=d, next_attempt_at=now, updated_at=now
+                )
+                for r, d in rows
+            )
+            return queued.id
+
+    # --- administration: domains -----------------------------------------------------
+
+    def add_domain(self, name: str, kind: str = "local") -> DomainInfo:
+        """Add a domain; Refused if it exists."""
+        name = name.strip().lower().rstrip(".")
+        if not name or "@" in name or " " in name:
+            raise Refused(f"not a domain name: {name!r}")
+        with self.db.write() as s:
+            if s.scalar(select(Domain.id).where(Domain.name == name)) is not None:
+                raise Refused(f"domain {name} exists already")
+            row = Domain(name=name, kind=kind)
+            s.add(row)
+            s.flush()
+            return DomainInfo(row.id, row.name, row.kind)
+
+    def del_domain(self, name: str) -> None:
+        """Delete a domain that has no accounts; Refused otherwise."""
+        name = name.strip().lower()
+        with self.db.write() as s:
+            row = s.scalars(select(Domain).where(Domain.name == name)).first()
+            if row is None:
+                raise Refused(f"no such domain: {name}")
+            users = s.scalar(select(func.count(Account.id)).where(Account.domain_id == row.id))
+            if users:
+                raise Refused(f"domain {name} still has {users} account(s); delete them first")
+            s.delete(row)
+
+    def list_domains(self) -> list[DomainInfo]:
+        with self.db.read() as s:
+            counts = (
+                select(Account.domain_id, func.count(Account.id).label("n"))
+                .group_by(Account.domain_id)
+                .subquery()
+            )
+            rows = s.execute(
+                select(Domain.id, Domain.name, Domain.kind, func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.domain_id == Domain.id)
+                .order_by(Domain.name)
+            )
+            return [DomainInfo(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    def domain_kind(self, name: str) -> str | None:
+        """``local``, ``odmr`` or None for a domain we do not serve."""
+        with self.db.read() as s:
+            return s.scalar(select(Domain.kind).where(Domain.name == name.strip().lower()))
+
+    # --- administration: accounts ----------------------------------------------------
+
+    def add_account(
+        self,
+        address: str,
+        password_hash: str,
+        cram_secret: str | None = None,
+        quota_bytes: int | None = None,
+    ) -> AccountInfo:
+        """Create an account in an existing local domain; Refused if it or an alias exists."""
+        local, domain = split_address(address)
+        address = f"{local}@{domain}"
+        with self.db.write() as s:
+            dom = s.scalars(select(Domain).where(Domain.name == domain)).first()
+            if dom is None:
+                raise Refused(f"unknown domain {domain}: add it first with `mailsrv domain add`")
+            if dom.kind != "local":
+                raise Refused(f"{domain} is an ODMR domain: accounts live in local domains")
+            if s.scalar(select(Account.id).where(Account.address == address)) is not None:
+                raise Refused(f"user {address} exists already")
+            if s.scalar(select(Alias.id).where(Alias.address == address)) is not None:
+                raise Refused(f"{address} is an alias already")
+            row = Account(
+                address=address,
+                domain_id=dom.id,
+                password_hash=password_hash,
+                cram_secret=cram_secret,
+                quota_bytes=quota_bytes,
+            )
+            s.add(row)
+            s.flush()
+            return _account_info(row)
+
+    def _require_account(self, s, address: str) -> Account:
+        row = s.scalars(select(Account).where(Account.address == address.strip().lower())).first()
+        if row is None:
+            raise Refused(f"no such user: {address.strip().lower()}")
+        return row
+
+    def set_password(self, address: str, password_hash: str, cram_secret: str | None) -> None:
+        """Replace an account's password (and CRAM-MD5 secret: None removes it)."""
+        with self.db.write() as s:
+            row = self._require_account(s, address)
+            row.password_hash = password_hash
+            row.cram_secret = cram_secret
+
+    def set_enabled(self, address: str, enabled: bool) -> None:
+        with self.db.write() as s:
+            self._require_account(s, address).enabled = enabled
+
+    def del_account(self, address: str) -> int:
+        """Delete an account and its mailbox; return how many messages went with it."""
+        with self.db.write() as s:
+            row = self._require_account(s, address)
+            count = s.scalar(select(func.count(Message.id)).where(Message.account_id == row.id))
+            s.execute(delete(Message).where(Message.account_id == row.id))
+            s.execute(delete(MaildropLock).where(MaildropLock.account_id == row.id))
+            s.execute(delete(OdmrGrant).where(OdmrGrant.account_id == row.id))
+            s.delete(row)
+            return int(count or 0)
+
+    def list_accounts(self) -> list[tuple[AccountInfo, int, int]]:
+        """Every account with its (messages, octets)."""
+        with self.db.read() as s:
+            usage = (
+                select(
+                    Message.account_id,
+                    func.count(Message.id).label("n"),
+                    func.sum(Message.size).label("octets"),
+                )
+                .group_by(Message.account_id)
+                .subquery()
+            )
+            rows = s.execute(
+                select(Account, func.coalesce(usage.c.n, 0), func.coalesce(usage.c.octets, 0))
+                .outerjoin(usage, usage.c.account_id == Account.id)
+                .order_by(Account.address)
+            )
+            return [(_account_info(a), int(n), int(o)) for a, n, o in rows]
+
+    # --- administration: aliases -----------------------------------------------------
+
+    def add_alias(self, address: str, target: str) -> None:
+        """Mail for ``address`` (in a local domain) goes to ``target`` (any address)."""
+        local, domain = split_address(address)
+        address = f"{local}@{domain}"
+        target_local, target_domain = split_address(target)
+        with self.db.write() as s:
+            kind = s.scalar(select(Domain.kind).where(Domain.name == domain))
+            if kind != "local":
+                raise Refused(f"{domain} is not a local domain: add it first with `mailsrv domain add`")
+            if s.scalar(select(Alias.id).where(Alias.address == address)) is not None:
+                raise Refused(f"alias {address} exists already")
+            if s.scalar(select(Account.id).where(Account.address == address)) is not None:
+                raise Refused(f"{address} is a user: an alias cannot shadow it")
+            s.add(Alias(address=address, target=f"{target_local}@{target_domain}"))
+
+    def del_alias(self, address: str) -> None:
+        with self.db.write() as s:
+            result = s.execute(delete(Alias).where(Alias.address == address.strip().lower()))
+            if result.rowcount == 0:
+                raise Refused(f"no such alias: {address.strip().lower()}")
+
+    def list_aliases(self) -> list[tuple[str, str]]:
+        with self.db.read() as s:
+            return [(r.address, r.target) for r in s.execute(select(Alias).order_by(Alias.address)).scalars()]
+
+    def alias_target(self, address: str) -> str | None:
+        with self.db.read() as s:
+            return s.scalar(select(Alias.target).where(Alias.address == address.strip().lower()))
+
+    # --- administration: ODMR grants -------------------------------------------------
+
+    def grant_odmr(self, address: str, domain: str) -> None:
+        """Let the account ATRN this ``odmr`` domain."""
+        domain = domain.strip().lower()
+        with self.db.write() as s:
+            account = self._require_account(s, address)
+            dom = s.scalars(select(Domain).where(Domain.name == domain)).first()
+            if dom is None:
+                raise Refused(f"unknown domain {domain}: add it with `mailsrv domain add {domain} --odmr`")
+            if dom.kind != "odmr":
+                raise Refused(f"{domain} is a local domain: only ODMR domains can be granted")
+            if s.get(OdmrGrant, (account.id, dom.id)) is not None:
+                raise Refused(f"{account.address} may ATRN {domain} already")
+            s.add(OdmrGrant(account_id=account.id, domain_id=dom.id))
+
+    def revoke_odmr(self, address: str, domain: str) -> None:
+        domain = domain.strip().lower()
+        with self.db.write() as s:
+            account = self._require_account(s, address)
+            dom_id = s.scalar(select(Domain.id).where(Domain.name == domain))
+            grant = s.get(OdmrGrant, (account.id, dom_id)) if dom_id is not None else None
+            if grant is None:
+                raise Refused(f"{account.address} has no grant for {domain}")
+            s.delete(grant)
+
+    def list_odmr(self) -> list[tuple[str, str]]:
+        with self.db.read() as s:
+            rows = s.execute(
+                select(Account.address, Domain.name)
+                .join(OdmrGrant, OdmrGrant.account_id == Account.id)
+                .join(Domain, Domain.id == OdmrGrant.domain_id)
+                .order_by(Account.address, Domain.name)
+            )
+            return [(r[0], r[1]) for r in rows]
+
+    def mailbox_list(self, address: str) -> list[tuple[int, str, int, datetime, bool, str]]:
+        """(id, uid, size, received_at, seen, sender) of each message of the account."""
+        with self.db.read() as s:
+            account = self._require_account(s, address)
+            rows = s.execute(
+                select(
+                    Message.id, Message.uid, Message.size, Message.received_at, Message.seen, Message.sender
+                )
+                .where(Message.account_id == account.id)
+                .order_by(Message.id)
+            )
+            return [tuple(r) for r in rows]

@@ -1,0 +1,169 @@
+"""Fixtures: real databases (SQLite file always, PostgreSQL when MAILSRV_TEST_POSTGRES_URL is
+set), a configuration on ephemeral loopback ports, a running App, and a line client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from mailsrv import db as dbmod
+from mailsrv.app import App
+from mailsrv.auth import hash_password
+from mailsrv.config import Config
+from mailsrv.store import Store
+
+POSTGRES_URL = os.environ.get("MAILSRV_TEST_POSTGRES_URL", "")
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+PASSWORD = "correct horse"
+
+
+def pytest_collection_modifyitems(config, items):
+    if POSTGRES_URL:
+        return
+    skip = pytest.mark.skip(reason="MAILSRV_TEST_POSTGRES_URL is not set")
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    """A fresh, empty database: an SQLite file, or a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mailsrv.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def database(db_url):
+    database = dbmod.Database(db_url)
+    dbmod.upgrade(database)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def store(database):
+    return Store(database)
+
+
+@pytest.fixture
+def accounts(store):
+    """Domain example.org with ann (also a CRAM-MD5 secret) and bob, password PASSWORD."""
+    store.add_domain("example.org")
+    hashed = hash_password(PASSWORD, 4)
+    ann = store.add_account("ann@example.org", hashed, cram_secret=PASSWORD)
+    bob = store.add_account("bob@example.org", hashed)
+    return {"ann": ann, "bob": bob}
+
+
+def make_config(db_url: str, tmp_path: Path, **sections) -> Config:
+    """A test configuration: loopback ephemeral ports, fast bcrypt, no failure delay."""
+    base = Config(path=str(tmp_path / "mailsrv.conf")).replace(
+        server={"hostname": "mail.example.org", "database": db_url},
+        pop3={"listen": (("127.0.0.1", 0),)},
+        pop={"listen": (("127.0.0.1", 0),)},
+        mpp={"listen": (("127.0.0.1", 0),)},
+        odmr={"listen": ()},
+        smtp={"listen": (), "submission": ()},
+        auth={"bcrypt_rounds": 4, "failure_delay": 0.0},
+        delivery={"workers": 1},
+    )
+    return base.replace(**sections) if sections else base
+
+
+@pytest.fixture
+def config(db_url, tmp_path):
+    return make_config(db_url, tmp_path)
+
+
+@pytest.fixture
+def app(config, accounts):
+    """A running App on ephemeral ports with the accounts fixture's users."""
+    application = App(config).start()
+    yield application
+    application.stop()
+
+
+class LineClient:
+    """A plain socket client that speaks in lines, for transcript tests."""
+
+    def __init__(self, address, timeout: float = 10.0):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, line: str | bytes) -> None:
+        data = line if isinstance(line, bytes) else line.encode("utf-8") + b"\r\n"
+        self.sock.sendall(data)
+
+    def line(self) -> str:
+        """The next line without its CRLF ('' at end of input)."""
+        raw = self.file.readline()
+        return raw.decode("utf-8", "replace").rstrip("\r\n")
+
+    def raw_line(self) -> bytes:
+        return self.file.readline()
+
+    def ask(self, line: str | bytes) -> str:
+        self.send(line)
+        return self.line()
+
+    def multiline(self) -> list[str]:
+        """Lines up to the terminating '.' (not included), not un-stuffed."""
+        lines = []
+        while True:
+            line = self.line()
+            if line == ".":
+                return lines
+            lines.append(line)
+
+    def closed(self) -> bool:
+        """True when the server has closed the connection (reads end of input)."""
+        return self.file.read() == b""
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def transcript(client: LineClient, steps: list[tuple[str, str]]) -> None:
+    """Send each client line and check the reply starts with the expected text."""
+    for sent, expected in steps:
+        reply = client.ask(sent)
+        assert reply.startswith(expected), f"{sent!r}: got {reply!r}, expected {expected!r}"
+
+
+@pytest.fixture
+def client_factory():
+    clients: list[LineClient] = []
+
+    def connect(address, timeout: float = 10.0) -> LineClient:
+        client = LineClient(address, timeout)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()

@@ -1,0 +1,130 @@
+"""store.py on SQLite and PostgreSQL: maildrops, uids, queueing, and maildrop locks across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from sqlalchemy import text
+
+from mailsrv.store import Refused, lock_holder
+
+
+def test_snapshot_has_no_bodies_and_counts_octets(store, accounts):
+    ann = accounts["ann"].id
+    first = store.deliver_local(ann, b"Subject: a\r\n\r\none\r\n", sender="x@example.net")
+    second = store.deliver_local(ann, b"Subject: b\r\n\r\ntwo two\r\n")
+    snap = store.snapshot(ann)
+    assert [m.id for m in snap] == [first, second]
+    assert [m.size for m in snap] == [19, 23]
+    assert all(1 <= len(m.uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in m.uid) for m in snap)
+    assert store.read_body(ann, second) == b"Subject: b\r\n\r\ntwo two\r\n"
+    assert store.read_body(accounts["bob"].id, second) is None  # not bob's
+    assert store.snapshot(accounts["bob"].id) == []
+
+
+def test_uids_are_never_reused_after_delete(store, accounts):
+    ann = accounts["ann"].id
+    ids = [store.deliver_local(ann, b"x\r\n") for _ in range(5)]
+    old_uids = {m.uid for m in store.snapshot(ann)}
+    assert store.delete_messages(ann, ids) == 5
+    new = [store.deliver_local(ann, b"x\r\n") for _ in range(5)]
+    assert not old_uids & {m.uid for m in store.snapshot(ann)}
+    assert min(new) > max(ids)  # ids never go back either
+
+
+def test_delete_only_touches_the_owner(store, accounts):
+    ann, bob = accounts["ann"].id, accounts["bob"].id
+    mine = store.deliver_local(ann, b"x\r\n")
+    assert store.delete_messages(bob, [mine]) == 0
+    assert store.read_body(ann, mine) == b"x\r\n"
+
+
+def test_seen_flags(store, accounts):
+    ann = accounts["ann"].id
+    ids = [store.deliver_local(ann, b"x\r\n") for _ in range(3)]
+    store.set_seen(ann, ids[:2])
+    assert [m.seen for m in store.snapshot(ann)] == [True, True, False]
+    store.set_seen(ann, ids[:1], False)
+    assert [m.seen for m in store.snapshot(ann)] == [False, True, False]
+
+
+def test_enqueue_writes_message_and_recipients_together(store, accounts, database):
+    qid = store.enqueue("ann@example.org", b"body\r\n", ["Bob@Example.org", "bob@example.org", "x@remote.example"], "mpp", accounts["ann"].id)
+    with database.read() as s:
+        rows = s.execute(text("SELECT recipient, domain, state FROM queue_recipients WHERE queue_id = :q ORDER BY id"), {"q": qid}).all()
+    assert [tuple(r) for r in rows] == [("bob@example.org", "example.org", "queued"), ("x@remote.example", "remote.example", "queued")]
+    with pytest.raises(Refused):
+        store.enqueue("ann@example.org", b"body\r\n", ["no-domain"], "mpp")
+    with database.read() as s:
+        assert s.execute(text("SELECT count(*) FROM queue")).scalar() == 1  # nothing half-written
+
+
+def test_lock_excludes_a_second_holder_and_is_released(store, accounts):
+    ann = accounts["ann"].id
+    assert store.acquire_lock(ann, lock_holder("one"), 60)
+    assert not store.acquire_lock(ann, lock_holder("two"), 60)
+    assert store.renew_lock(ann, lock_holder("one"), 60)
+    assert not store.renew_lock(ann, lock_holder("two"), 60)
+    store.release_lock(ann, lock_holder("two"))  # not ours: no effect
+    assert not store.acquire_lock(ann, lock_holder("two"), 60)
+    store.release_lock(ann, lock_holder("one"))
+    assert store.acquire_lock(ann, lock_holder("two"), 60)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from mailsrv.db import Database
+    from mailsrv.store import Store, lock_holder
+    store = Store(Database(sys.argv[1]))
+    got = store.acquire_lock(int(sys.argv[2]), lock_holder("child"), float(sys.argv[3]))
+    print("locked" if got else "busy", flush=True)
+    sys.stdin.readline()  # hold until told
+    """
+)
+
+
+def hold_in_child(db_url: str, account_id: int, ttl: float) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db_url, str(account_id), str(ttl)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_lock_excludes_across_processes(store, accounts, db_url):
+    ann = accounts["ann"].id
+    child = hold_in_child(db_url, ann, 600)
+    try:
+        assert not store.acquire_lock(ann, lock_holder("parent"), 60)
+    finally:
+        child.communicate("\n", timeout=30)
+    # the child ended without releasing; its process is dead, so the lock is taken over
+    assert store.acquire_lock(ann, lock_holder("parent"), 60)
+
+
+def test_expired_lock_of_a_live_process_is_taken_over(store, accounts, db_url):
+    ann = accounts["ann"].id
+    child = hold_in_child(db_url, ann, 0)  # expires at once, while the child still runs
+    try:
+        assert store.acquire_lock(ann, lock_holder("parent"), 60)
+        # and now the parent holds it: the child (another process) cannot
+        other = subprocess.run(
+            [sys.executable, "-c", HOLDER, db_url, str(ann), "60"], input="\n", capture_output=True, text=True, timeout=30
+        )
+        assert other.stdout.strip() == "busy"
+    finally:
+        child.communicate("\n", timeout=30)
+
+
+def test_dead_process_locks_are_released_at_start(store, accounts, db_url):
+    ann = accounts["ann"].id
+    child = hold_in_child(db_url, ann, 600)
+    child.communicate("\n", timeout=30)
+    assert store.release_dead_locks() == 1
+    assert store.acquire_lock(ann, lock_holder("me"), 60)
+    assert store.release_dead_locks() == 0  # our own live lock stays
