@@ -25,6 +25,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
+from .message import to_crlf
 from .models import (
     Account,
     Alias,
@@ -171,15 +172,25 @@ class Store:
                 select(Message.body).where(Message.id == message_id, Message.account_id == account_id)
             )
 
-    def read_message(self, account_id: int, message_id: int) -> tuple[str, datetime, bytes] | None:
-        """(envelope sender, received_at, body) of one message, or None if it is gone."""
+    def read_bodies(self, account_id: int, ids: Sequence[int]) -> dict[int, bytes]:
+        """The bodies of several messages of the account at once (missing ones left out)."""
         with self.db.read() as s:
-            row = s.execute(
-                select(Message.sender, Message.received_at, Message.body).where(
-                    Message.id == message_id, Message.account_id == account_id
+            rows = s.execute(
+                select(Message.id, Message.body).where(
+                    Message.account_id == account_id, Message.id.in_(list(ids))
                 )
-            ).first()
-            return (row.sender, row.received_at, row.body) if row else None
+            )
+            return {r.id: r.body for r in rows}
+
+    def read_messages(self, account_id: int, ids: Sequence[int]) -> dict[int, tuple[str, datetime, bytes]]:
+        """{id: (envelope sender, received_at, body)} of several messages (missing ones left out)."""
+        with self.db.read() as s:
+            rows = s.execute(
+                select(Message.id, Message.sender, Message.received_at, Message.body).where(
+                    Message.account_id == account_id, Message.id.in_(list(ids))
+                )
+            )
+            return {r.id: (r.sender, r.received_at, r.body) for r in rows}
 
     def delete_messages(self, account_id: int, ids: Iterable[int]) -> int:
         """Delete these messages of the account, all or none; return how many were there."""
@@ -207,12 +218,14 @@ class Store:
                 )
 
     def deliver_local(self, account_id: int, body: bytes, sender: str = "") -> int:
-        """Put a message (CRLF line ends) into the account's mailbox; return its id."""
+        """Put a message into the account's mailbox; return its id. Line ends are stored as
+        CRLF and a missing final line end is added, so ``size`` is what RETR sends."""
         with self.db.write() as s:
             return self._insert_message(s, account_id, body, sender)
 
     @staticmethod
     def _insert_message(s, account_id: int, body: bytes, sender: str) -> int:
+        body = to_crlf(body)  # the stored form: CRLF line ends, ending with CRLF
         message = Message(
             account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body
         )
@@ -238,23 +251,68 @@ class Store:
         A lock whose time has run out, or whose holder is a dead process of this host, is
         taken over. The lock is valid across processes and hosts (it is a row).
         """
-        now = utcnow()
         try:
             with self.db.write() as s:
-                current = s.get(MaildropLock, account_id, with_for_update=True)
-                if current is not None:
-                    if current.expires_at > now and not holder_is_dead(current.holder):
-                        return False
-                    s.delete(current)
-                    s.flush()
-                s.add(
-                    MaildropLock(
-                        account_id=account_id, holder=holder, expires_at=now + timedelta(seconds=ttl)
-                    )
-                )
-            return True
+                return self._take_lock(s, account_id, holder, ttl)
         except IntegrityError:
             return False  # another session inserted it first (PostgreSQL)
+
+    @staticmethod
+    def _take_lock(s, account_id: int, holder: str, ttl: float) -> bool:
+        now = utcnow()
+        current = s.get(MaildropLock, account_id, with_for_update=True)
+        if current is not None:
+            if current.expires_at > now and not holder_is_dead(current.holder):
+                return False
+            s.delete(current)
+            s.flush()
+        s.add(MaildropLock(account_id=account_id, holder=holder, expires_at=now + timedelta(seconds=ttl)))
+        s.flush()
+        return True
+
+    def open_maildrop(self, account_id: int, holder: str, ttl: float) -> list[MessageInfo] | None:
+        """Log in to a maildrop: take its lock, note the login time, and return the snapshot
+        (as :meth:`snapshot`), all in one transaction. None when the lock is held."""
+        try:
+            with self.db.write() as s:
+                if not self._take_lock(s, account_id, holder, ttl):
+                    return None
+                s.execute(update(Account).where(Account.id == account_id).values(last_login_at=utcnow()))
+                rows = s.execute(
+                    select(Message.id, Message.uid, Message.size, Message.seen)
+                    .where(Message.account_id == account_id)
+                    .order_by(Message.id)
+                )
+                return [MessageInfo(r.id, r.uid, r.size, bool(r.seen)) for r in rows]
+        except IntegrityError:
+            return None
+
+    def close_maildrop(
+        self, account_id: int, holder: str, delete_ids: Iterable[int], seen_ids: Iterable[int]
+    ) -> int:
+        """End a maildrop session (POP3 UPDATE, RFC 918 RCVD): delete ``delete_ids``, mark
+        ``seen_ids`` retrieved and release our lock, all in one transaction. Returns how many
+        messages were deleted. If it raises, nothing changed (and the lock is still ours)."""
+        delete_ids = sorted(set(delete_ids))
+        seen_ids = sorted(set(seen_ids) - set(delete_ids))
+        removed = 0
+        with self.db.write() as s:
+            for chunk in _chunks(delete_ids):
+                removed += s.execute(
+                    delete(Message).where(Message.account_id == account_id, Message.id.in_(chunk))
+                ).rowcount
+            for chunk in _chunks(seen_ids):
+                s.execute(
+                    update(Message)
+                    .where(Message.account_id == account_id, Message.id.in_(chunk))
+                    .values(seen=True)
+                )
+            s.execute(
+                delete(MaildropLock).where(
+                    MaildropLock.account_id == account_id, MaildropLock.holder == holder
+                )
+            )
+        return removed
 
     def renew_lock(self, account_id: int, holder: str, ttl: float) -> bool:
         """Extend our lock by ``ttl`` seconds from now; False if we no longer hold it."""

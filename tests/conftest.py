@@ -79,7 +79,7 @@ def make_config(db_url: str, tmp_path: Path, **sections) -> Config:
         server={"hostname": "mail.example.org", "database": db_url},
         pop3={"listen": (("127.0.0.1", 0),)},
         pop={"listen": (("127.0.0.1", 0),)},
-        mpp={"listen": (("127.0.0.1", 0),)},
+        mpp={"listen": ()},  # MPP_LISTEN
         odmr={"listen": ()},
         smtp={"listen": (), "submission": ()},
         auth={"bcrypt_rounds": 4, "failure_delay": 0.0},
@@ -167,3 +167,24 @@ def client_factory():
     yield connect
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def make_app(db_url, tmp_path, accounts):
+    """Start an App with config changes: make_app(pop3={"idle_timeout": 1}) -> App."""
+    apps: list[App] = []
+
+    def start(**sections) -> App:
+        application = App(make_config(db_url, tmp_path, **sections)).start()
+        apps.append(application)
+        return application
+
+    yield start
+    for application in apps:
+        application.stop()
+
+
+def deliver(store: Store, address: str, body: bytes, sender: str = "sender@example.net") -> int:
+    """Put a message straight into a mailbox (the store's delivery function)."""
+    account = store.find_account(address)
+    return store.deliver_local(account.id, body, sender=sender)
