@@ -65,3 +65,77 @@ def mbox_entry(sender: str, received: datetime, body: bytes) -> bytes:
     if quoted and not quoted.endswith(CRLF):
         quoted += CRLF
     return f"From {sender or 'MAILER-DAEMON'} {date}\r\n".encode() + quoted + CRLF
+
+
+# --- header fields on raw bytes ---------------------------------------------------------
+#
+# Posting must keep the text byte for byte apart from the fields mailsrv adds or removes,
+# so header fields are handled as raw lines; the standard library's email.utils parses the
+# address lists inside them.
+
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
+
+
+def split_header(message: bytes) -> tuple[list[bytes], bytes]:
+    """(header fields, rest) of a CRLF message. Each field is one raw field with its folded
+    continuation lines and CRLF; ``rest`` starts with the blank line (or is empty). Text
+    that does not start with a header field has no header: ``([], message)``."""
+    fields: list[bytes] = []
+    position = 0
+    while position < len(message):
+        end = message.find(CRLF, position)
+        end = len(message) if end < 0 else end + 2
+        line = message[position:end]
+        if line in (CRLF, b""):
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        elif _FIELD_NAME.match(line):
+            fields.append(line)
+        else:
+            break
+        position = end
+    if not fields:
+        return [], message
+    return fields, message[position:]
+
+
+def field_name(field: bytes) -> str:
+    return field.split(b":", 1)[0].decode("ascii", "replace").strip().lower()
+
+
+def field_value(field: bytes) -> str:
+    """The unfolded value of a raw field, decoded (UTF-8, undecodable octets kept as escapes)."""
+    value = field.split(b":", 1)[1]
+    return re.sub(r"\r\n(?=[ \t])", "", value.decode("utf-8", "surrogateescape")).strip()
+
+
+def header_line(name: str, value: str) -> bytes:
+    return f"{name}: {value}\r\n".encode()
+
+
+def addresses(fields: list[bytes], names: tuple[str, ...]) -> list[str]:
+    """Every address in the named fields, in order ("Name <a@b>" -> "a@b"; groups opened)."""
+    from email.utils import getaddresses
+
+    values = [field_value(f) for f in fields if field_name(f) in names]
+    # an unparsable entry comes back without an address: keep its text so it can be named
+    return [addr or name for name, addr in getaddresses(values) if addr or name]
+
+
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_LOCAL_FORBIDDEN = set(" <>()[],;:\\\"\t\r\n@")
+
+
+def is_address(address: str) -> bool:
+    """local@domain, a plain local part and a host name: what mailsrv will queue."""
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and _DOMAIN.match(domain)) and not (set(local) & _LOCAL_FORBIDDEN)
+
+
+def posting_recipients(fields: list[bytes]) -> list[str]:
+    """Recipients as ``sendmail -t`` takes them: Resent-To/Cc/Bcc when any Resent- field
+    exists, else To/Cc/Bcc (RFC 5322 section 3.6.6)."""
+    if any(field_name(f).startswith("resent-") for f in fields):
+        return addresses(fields, ("resent-to", "resent-cc", "resent-bcc"))
+    return addresses(fields, ("to", "cc", "bcc"))

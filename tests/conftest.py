@@ -79,7 +79,7 @@ def make_config(db_url: str, tmp_path: Path, **sections) -> Config:
         server={"hostname": "mail.example.org", "database": db_url},
         pop3={"listen": (("127.0.0.1", 0),)},
         pop={"listen": (("127.0.0.1", 0),)},
-        mpp={"listen": ()},  # MPP_LISTEN
+        mpp={"listen": (("127.0.0.1", 0),)},
         odmr={"listen": ()},
         smtp={"listen": (), "submission": ()},
         auth={"bcrypt_rounds": 4, "failure_delay": 0.0},

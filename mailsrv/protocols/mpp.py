@@ -1,0 +1,222 @@
+"""MPP, the Message Posting Protocol (RFC 1204): USER, PASS, DATA, NOOP, QUIT.
+
+The "can only be used" conditions of RFC 1204 section 2.3 are the state table, to the
+letter (decisions in ../DESIGN.md, "MPP"):
+
+========  ===========================================  =======================
+state     how it is reached                            allowed
+========  ===========================================  =======================
+START     the session has just started                 USER NOOP QUIT
+USER      USER answered 250                            PASS NOOP QUIT
+AUTHED    PASS answered 250                            DATA NOOP QUIT
+POSTED    a message text answered 250                  USER DATA NOOP QUIT
+FAILED    PASS answered 530                            NOOP QUIT
+REFUSED   a message text answered 451 or 550           NOOP QUIT
+========  ===========================================  =======================
+
+500, 501 and 503 replies do not change the state; anything not allowed answers 503. NOOP
+never changes the state; QUIT always answers 221. USER answers 250 for any syntactically
+valid address (no user enumeration); PASS checks bcrypt (a dummy hash for unknown users)
+and answers 530 after the failure delay. Passwords are taken only from
+``[auth] plaintext_networks`` or over TLS (``[mpp] listen_tls``).
+
+The text (after 354) is read line by line: dot-unstuffed, bare LF taken as CRLF, and the
+size limit enforced while reading (the rest is read and dropped, never buffered; 550).
+Recipients come from the header as ``sendmail -t`` takes them (Resent- fields first); Bcc
+and Resent-Bcc fields are removed from the copy but still delivered. From absent: mailsrv
+adds ``From: <poster>``. From naming someone else: ``[mpp] from_policy = sender`` adds
+``Sender: <poster>``, ``reject`` refuses (550). Received, Message-ID and Date are added
+where missing; more than ``[smtp] max_received_headers`` Received fields is a loop (550).
+250 is sent only once the message and all its recipients are committed to the queue; 451
+when it could not be queued (nothing half-written stays), 550 when it never will be. A
+client that disconnects during the text queues nothing.
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate, make_msgid
+from typing import ClassVar
+
+from .. import message as msg
+from ..db import DatabaseUnavailable
+from ..server import LineHandler, ProtocolError
+
+START, USER_GIVEN, AUTHED, POSTED, FAILED, REFUSED = (
+    "START", "USER", "AUTHED", "POSTED", "FAILED", "REFUSED",
+)
+
+#: longest piece of a text line read at once; longer lines are read in pieces
+TEXT_CHUNK = 65536
+
+
+class Refusal(Exception):
+    """The message will never be accepted: 550 with this reason."""
+
+
+class MppHandler(LineHandler):
+    protocol = "mpp"
+    INITIAL_STATE = START
+    STATES: ClassVar = {
+        START: frozenset({"USER", "NOOP", "QUIT"}),
+        USER_GIVEN: frozenset({"PASS", "NOOP", "QUIT"}),
+        AUTHED: frozenset({"DATA", "NOOP", "QUIT"}),
+        POSTED: frozenset({"USER", "DATA", "NOOP", "QUIT"}),
+        FAILED: frozenset({"NOOP", "QUIT"}),
+        REFUSED: frozenset({"NOOP", "QUIT"}),
+    }
+    MAX_BAD_COMMANDS = 20
+
+    REFUSAL = "451 Local error encountered: too many connections, try again later."
+    REPLY_UNKNOWN = "500 Command unrecognized."
+    REPLY_WRONG_STATE = "503 Illegal command sequence."
+    REPLY_TOO_LONG = "500 Command unrecognized: line too long."
+    REPLY_BAD_CHARS = "500 Command unrecognized: invalid characters."
+    REPLY_TOO_MANY_ERRORS = "451 Local error encountered: too many bad commands, closing connection."
+    REPLY_TIMEOUT = "451 Local error encountered: idle for too long, closing connection."
+    REPLY_INTERNAL = "451 Local error encountered."
+    REPLY_UNAVAILABLE = "451 Local error encountered: mail store unavailable, try again later."
+
+    def idle_timeout(self) -> float:
+        return self.config.mpp.idle_timeout
+
+    def greet(self) -> None:
+        self.user = ""
+        self.account = None
+        self.send(f"220 {self.context.hostname} Message Posting Service Ready.")
+
+    # --- commands ----------------------------------------------------------------------
+
+    def cmd_USER(self, arg: str) -> None:
+        """USER address: 250 for any syntactically valid address."""
+        name = arg.strip()
+        if not msg.is_address(name) or arg != arg.lstrip():
+            raise ProtocolError("501 Argument syntax error: USER takes the full address.")
+        self.user, self.account, self.state = name, None, USER_GIVEN
+        self.send("250 Command OK.")
+
+    def cmd_PASS(self, arg: str) -> None:
+        if not arg:
+            raise ProtocolError("501 Argument syntax error: PASS takes the password.")
+        if not self.auth.plaintext_allowed(self.peer_ip, self.tls_active):
+            self.state = FAILED
+            raise ProtocolError("530 Authentication Failure: passwords need TLS from your network.", bad=False)
+        account = self.auth.check_plain(self.user, arg)
+        if account is None:
+            self.log.info("[%s] login failed for %r", self.peer, self.user[:100])
+            self.auth.fail(self.peer_ip)
+            self.state = FAILED
+            raise ProtocolError("530 Authentication Failure.", bad=False)
+        self.auth.succeeded(self.peer_ip)
+        self.store.record_login(account.id)
+        self.account, self.state = account, AUTHED
+        self.log.info("[%s] %s logged in", self.peer, account.address)
+        self.send("250 Command OK.")
+
+    def cmd_NOOP(self, arg: str) -> None:
+        self.send("250 Command OK.")
+
+    def cmd_QUIT(self, arg: str) -> None:
+        self.close(f"221 {self.context.hostname} Closing Connection.")
+
+    def cmd_DATA(self, arg: str) -> None:
+        if arg.strip():
+            raise ProtocolError("501 Argument syntax error: DATA takes no argument.")
+        self.send("354 Enter mail, end with <CRLF>.<CRLF>")
+        text, too_large, has_nul = self.read_text()
+        try:
+            if too_large:
+                raise Refusal(f"message exceeds the size limit of {self.config.mpp.max_message_size} octets")
+            if has_nul:
+                raise Refusal("message contains NUL characters")
+            body, recipients = self.prepare(text)
+            queue_id = self.store.enqueue(self.account.address, body, recipients, "mpp", self.account.id)
+        except Refusal as exc:
+            self.state = REFUSED
+            self.log.info("[%s] %s: message refused: %s", self.peer, self.account.address, exc)
+            self.send(f"550 Error: {exc}.")
+            return
+        except DatabaseUnavailable as exc:
+            self.state = REFUSED
+            self.log.warning("[%s] %s: message not queued: %s", self.peer, self.account.address, exc)
+            self.send("451 Local error encountered: the message has not been queued, try again later.")
+            return
+        self.state = POSTED
+        wake = self.context.extras.get("wake_delivery")
+        if wake:
+            wake()
+        self.log.info(
+            "[%s] %s: queued %d (%d octets, %d recipient(s))",
+            self.peer, self.account.address, queue_id, len(body), len(recipients),
+        )
+        self.send(f"250 Command OK: queued as {queue_id}.")
+
+    # --- the text ----------------------------------------------------------------------
+
+    def read_text(self) -> tuple[bytes, bool, bool]:
+        """Read up to the lone ".": (text with CRLF line ends, too large, contains NUL).
+
+        Past the size limit the rest is read and dropped. The end of input before the "."
+        raises ConnectionAbortedError: nothing is queued.
+        """
+        limit = self.config.mpp.max_message_size
+        parts: list[bytes] = []
+        size = 0
+        too_large = has_nul = False
+        at_line_start = True
+        while True:
+            piece = self.rfile.readline(TEXT_CHUNK)
+            if not piece:
+                raise ConnectionAbortedError("client left during the message text")
+            complete = piece.endswith(b"\n")
+            if at_line_start:
+                if piece in (b".\r\n", b".\n"):
+                    break
+                piece = msg.dot_unstuff_line(piece)
+            if complete:
+                piece = piece[:-2] + b"\r\n" if piece.endswith(b"\r\n") else piece[:-1] + b"\r\n"
+            at_line_start = complete
+            size += len(piece)
+            if size > limit:
+                too_large = True
+                parts.clear()
+                continue
+            if not too_large:
+                has_nul = has_nul or b"\0" in piece
+                parts.append(piece)
+        return b"".join(parts), too_large, has_nul
+
+    def prepare(self, text: bytes) -> tuple[bytes, list[str]]:
+        """The copy to queue (fields added and Bcc removed) and its recipients."""
+        fields, rest = msg.split_header(text)
+        recipients = msg.posting_recipients(fields)
+        if not recipients:
+            raise Refusal("no recipients: the message has no To, Cc or Bcc field")
+        for address in recipients:
+            if not msg.is_address(address):
+                raise Refusal(f"bad recipient address {address!r}")
+        received = sum(1 for f in fields if msg.field_name(f) == "received")
+        if received > self.config.smtp.max_received_headers:
+            raise Refusal(f"mail loop: {received} Received fields")
+        poster = self.account.address
+        kept = [f for f in fields if msg.field_name(f) not in ("bcc", "resent-bcc")]
+        added: list[bytes] = []
+        senders = msg.addresses(fields, ("from",))
+        if not senders:
+            added.append(msg.header_line("From", f"<{poster}>"))
+        elif [s.lower() for s in senders] != [poster]:
+            if self.config.mpp.from_policy == "reject":
+                raise Refusal(f"From: names someone other than {poster}")
+            kept = [f for f in kept if msg.field_name(f) != "sender"]
+            added.append(msg.header_line("Sender", f"<{poster}>"))
+        names = {msg.field_name(f) for f in fields}
+        if "message-id" not in names:
+            added.append(msg.header_line("Message-ID", make_msgid(domain=self.context.hostname)))
+        if "date" not in names:
+            added.append(msg.header_line("Date", formatdate(localtime=True)))
+        protocol = "MPP with TLS" if self.tls_active else "MPP"
+        trace = msg.header_line(
+            "Received",
+            f"from [{self.peer_ip}] by {self.context.hostname} (mailsrv) with {protocol};\r\n"
+            f"\t{formatdate(localtime=True)}",
+        )
+        return trace + b"".join(kept) + b"".join(added) + rest, recipients

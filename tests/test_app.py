@@ -1,0 +1,156 @@
+"""`mailsrv serve` as a process: first start creates the database, SIGTERM/SIGINT stop it
+cleanly within 5 s with sessions open, and a restart finds no stale maildrop lock."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import PASSWORD, LineClient
+
+SHIPPED = Path(__file__).resolve().parent.parent / "mailsrv.conf"
+LISTENING = re.compile(r"(\w+) listening on ([\d.]+):(\d+)")
+
+
+def shipped_config_on_ephemeral_ports(folder: Path, database: str | None = None) -> Path:
+    """The shipped mailsrv.conf with only the listen addresses changed to 127.0.0.1:0."""
+    text = SHIPPED.read_text()
+    text = re.sub(r"(?m)^(listen|submission) = 0\.0\.0\.0:\d+$", r"\1 = 127.0.0.1:0", text)
+    text = text.replace("bcrypt_rounds = 12", "bcrypt_rounds = 4").replace("failure_delay = 2s", "failure_delay = 0")
+    if database:
+        text = text.replace("database = sqlite:///mailsrv.db", f"database = {database}")
+    path = folder / "mailsrv.conf"
+    path.write_text(text)
+    return path
+
+
+def mailsrv(conf: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailsrv.cli", "-c", str(conf), *args],
+        input=stdin, capture_output=True, text=True, timeout=60,
+    )
+
+
+class Served:
+    """A `mailsrv serve` child process and the addresses it logged."""
+
+    def __init__(self, conf: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailsrv.cli", "-c", str(conf), "serve"],
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.log: list[str] = []
+        for line in self.proc.stderr:
+            self.log.append(line)
+            match = LISTENING.search(line)
+            if match:
+                self.addresses[match.group(1)] = (match.group(2), int(match.group(3)))
+            if "mailsrv ready" in line:
+                return
+        raise AssertionError("mailsrv serve ended early:\n" + "".join(self.log))
+
+    def stop(self, signum: int) -> int:
+        self.proc.send_signal(signum)
+        try:
+            status = self.proc.wait(timeout=5)  # the promise: stopped within 5 s
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self.log.extend(self.proc.stderr.read().splitlines(keepends=True))
+        return status
+
+
+@pytest.fixture
+def served(tmp_path):
+    conf = shipped_config_on_ephemeral_ports(tmp_path)
+    assert mailsrv(conf, "domain", "add", "example.org").returncode == 0
+    assert mailsrv(conf, "user", "add", "ann@example.org", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    server = Served(conf)
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def test_first_start_creates_the_database(tmp_path):
+    conf = shipped_config_on_ephemeral_ports(tmp_path)
+    assert not (tmp_path / "mailsrv.db").exists()
+    server = Served(conf)
+    try:
+        assert (tmp_path / "mailsrv.db").exists()
+        assert {"pop3", "pop"} <= set(server.addresses)
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_sessions_open(served, signum, tmp_path):
+    idle = [LineClient(served.addresses["pop3"]) for _ in range(5)]
+    for c in idle:
+        assert c.line().startswith("+OK")
+    busy = LineClient(served.addresses["pop3"])
+    busy.line()
+    busy.ask("USER ann@example.org")
+    assert busy.ask(f"PASS {PASSWORD}").startswith("+OK")
+    assert served.stop(signum) == 0
+    for c in [*idle, busy]:
+        assert c.closed()
+        c.close()
+    assert any("stopped" in line for line in served.log)
+    assert not any("(some sessions did not end in time)" in line for line in served.log)
+    # a restart finds the mailbox free at once
+    again = Served(tmp_path / "mailsrv.conf")
+    try:
+        c = LineClient(again.addresses["pop3"])
+        c.line()
+        c.ask("USER ann@example.org")
+        assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
+        c.close()
+    finally:
+        assert again.stop(signal.SIGTERM) == 0
+
+
+def test_sigkill_leaves_a_lock_that_the_restart_takes_back(served, tmp_path):
+    c = LineClient(served.addresses["pop3"])
+    c.line()
+    c.ask("USER ann@example.org")
+    assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
+    served.proc.kill()
+    served.proc.wait()
+    c.close()
+    again = Served(tmp_path / "mailsrv.conf")
+    try:
+        assert any("released 1 maildrop lock" in line for line in again.log)
+        c = LineClient(again.addresses["pop3"])
+        c.line()
+        c.ask("USER ann@example.org")
+        assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
+        c.close()
+    finally:
+        assert again.stop(signal.SIGTERM) == 0
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    conf = shipped_config_on_ephemeral_ports(tmp_path)
+    text = conf.read_text()
+    assert "listen = 127.0.0.1:0" in text
+    conf.write_text(text.replace("listen = 127.0.0.1:0", f"listen = 127.0.0.1:{port}", 1))
+    result = subprocess.run([sys.executable, "-m", "mailsrv.cli", "-c", str(conf), "serve"], capture_output=True, text=True, timeout=60)
+    blocker.close()
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
