@@ -79,6 +79,9 @@ class App:
         log.info("database ready at revision %s (%s)", revision, self.db.engine.url.render_as_string())
         if released:
             log.info("released %d maildrop lock(s) of dead processes", released)
+        taken = self.store.reclaim_dead_leases()
+        if taken:
+            log.info("took back %d delivery lease(s) of dead processes", taken)
 
     def bind(self) -> None:
         for section, (module_name, class_name) in PROTOCOLS.items():
@@ -146,15 +149,13 @@ class App:
             )
             thread.start()
             self._threads.append(thread)
-        if self.workers_enabled:
+        if self.workers_enabled and self.config.delivery.workers:
             self.start_workers()
         return self
 
     def start_workers(self) -> None:
-        try:
-            from .delivery.worker import DeliveryPool
-        except ImportError:
-            return
+        from .delivery.worker import DeliveryPool
+
         self.delivery = DeliveryPool(self.store, self.config)
         self.context.extras["wake_delivery"] = self.delivery.wake
         self.delivery.start()

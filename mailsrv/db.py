@@ -29,7 +29,10 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from . import models
 
+#: how long a statement waits for another writer's lock before the database counts as
+#: unavailable (SQLite busy timeout; PostgreSQL lock_timeout)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_LOCK_TIMEOUT_MS = 30_000
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -55,6 +58,8 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
+        elif self.dialect == "postgresql":
+            _configure_postgresql(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -106,6 +111,16 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection):
         write = connection.get_execution_options().get("mailsrv_write", False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {int(POSTGRES_LOCK_TIMEOUT_MS)}")
+        dbapi_connection.autocommit = autocommit
 
 
 def alembic_config(db: Database):

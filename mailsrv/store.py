@@ -134,7 +134,249 @@ def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
         yield ids[start : start + ID_CHUNK]
 
 
-class Store:
+# --- the delivery queue ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A recipient a worker has leased, with what it needs of its message."""
+
+    id: int
+    queue_id: int
+    recipient: str
+    domain: str
+    attempts: int
+    sender: str
+    size: int
+    created_at: datetime
+    origin: str
+
+
+@dataclass
+class Outcome:
+    """What became of one claimed recipient (see :meth:`QueueOps.settle`).
+
+    action: ``deliver`` (``account_id``), ``forward`` (``targets``: new recipients of the
+    same message, envelope sender kept), ``hold``, ``retry`` (``delay`` seconds, ``error``)
+    or ``fail`` (``status``, ``error``: an RFC 3463 code and the reason).
+    """
+
+    claimed: Claimed
+    action: str
+    account_id: int | None = None
+    targets: tuple[str, ...] = ()
+    delay: float = 0.0
+    status: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where an address leads: kind is ``account``, ``alias``, ``odmr``, ``remote`` or ``unknown``."""
+
+    kind: str
+    account: AccountInfo | None = None
+    target: str = ""
+
+
+def lease_is_dead(owner: str | None) -> bool:
+    return bool(owner) and holder_is_dead(owner)
+
+
+class QueueOps:
+    """The queue operations of :class:`Store` (mixed in below)."""
+
+    db: Database
+
+    def claim(self, owner: str, lease: float, limit: int = 100) -> list[Claimed]:
+        """Lease up to ``limit`` due recipients in our domains (local and ODMR) to ``owner``:
+        ``queued`` ones whose time has come, and ``inflight`` ones whose lease ran out.
+        Remote recipients are left for the relay. One transaction; PostgreSQL skips rows
+        another worker has locked."""
+        now = utcnow()
+        ours = select(Domain.name)
+        due = (
+            select(QueueRecipient.id)
+            .where(
+                QueueRecipient.domain.in_(ours),
+                ((QueueRecipient.state == "queued") & (QueueRecipient.next_attempt_at <= now))
+                | ((QueueRecipient.state == "inflight") & (QueueRecipient.lease_expires_at < now)),
+            )
+            .order_by(QueueRecipient.next_attempt_at, QueueRecipient.id)
+            .limit(limit)
+        )
+        with self.db.write() as s:
+            if self.db.dialect == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            ids = list(s.scalars(due))
+            if not ids:
+                return []
+            s.execute(
+                update(QueueRecipient)
+                .where(QueueRecipient.id.in_(ids))
+                .values(state="inflight", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
+            )
+            rows = s.execute(
+                select(QueueRecipient, QueuedMessage.sender, QueuedMessage.size, QueuedMessage.created_at, QueuedMessage.origin)
+                .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
+                .where(QueueRecipient.id.in_(ids))
+                .order_by(QueueRecipient.id)
+            )
+            return [
+                Claimed(r.id, r.queue_id, r.recipient, r.domain, r.attempts, sender, size, created, origin)
+                for r, sender, size, created, origin in rows
+            ]
+
+    def reclaim_dead_leases(self) -> int:
+        """Give the leases of dead processes of this host back to the queue at once."""
+        with self.db.write() as s:
+            rows = s.scalars(
+                select(QueueRecipient).where(
+                    QueueRecipient.state == "inflight", QueueRecipient.lease_owner.like(f"{this_host()}:%")
+                )
+            ).all()
+            dead = [r for r in rows if lease_is_dead(r.lease_owner)]
+            for row in dead:
+                row.state, row.lease_owner, row.lease_expires_at = "queued", None, None
+            return len(dead)
+
+    def queue_bodies(self, queue_ids: Iterable[int]) -> dict[int, bytes]:
+        with self.db.read() as s:
+            rows = s.execute(select(QueuedMessage.id, QueuedMessage.body).where(QueuedMessage.id.in_(list(set(queue_ids)))))
+            return {r.id: r.body for r in rows}
+
+    def resolve(self, address: str) -> Resolution:
+        """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
+        address = address.strip().lower()
+        domain = address.rpartition("@")[2]
+        with self.db.read() as s:
+            kind = s.scalar(select(Domain.kind).where(Domain.name == domain))
+            if kind is None:
+                return Resolution("remote")
+            if kind == "odmr":
+                return Resolution("odmr")
+            account = s.scalars(select(Account).where(Account.address == address)).first()
+            if account is not None:
+                return Resolution("account", account=_account_info(account))
+            target = s.scalar(select(Alias.target).where(Alias.address == address))
+            return Resolution("alias", target=target) if target else Resolution("unknown")
+
+    def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy, bounce) -> list[Outcome]:
+        """Apply outcomes in one transaction, each only if ``owner`` still holds its lease;
+        return those applied. A delivery writes the mailbox copy (``local_copy(outcome,
+        body)``) in the same transaction that marks the recipient delivered, so it happens
+        exactly once. Failures of one message get one bounce (``bounce(claimed, failed,
+        body)`` returns its text, or None for no bounce), queued in the same transaction."""
+        applied: list[Outcome] = []
+        now = utcnow()
+        bodies = self.queue_bodies(o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail"))
+        with self.db.write() as s:
+            for outcome in outcomes:
+                c = outcome.claimed
+                values: dict = {"updated_at": now, "lease_owner": None, "lease_expires_at": None}
+                if outcome.action == "deliver":
+                    values.update(state="delivered", last_error=None)
+                elif outcome.action == "forward":
+                    values.update(state="delivered", last_error="forwarded to " + ", ".join(outcome.targets))
+                elif outcome.action == "hold":
+                    values.update(state="held")
+                elif outcome.action == "retry":
+                    values.update(
+                        state="queued", attempts=c.attempts + 1, last_error=outcome.error,
+                        next_attempt_at=now + timedelta(seconds=outcome.delay),
+                    )
+                else:
+                    values.update(state="failed", attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}")
+                result = s.execute(
+                    update(QueueRecipient)
+                    .where(QueueRecipient.id == c.id, QueueRecipient.state == "inflight", QueueRecipient.lease_owner == owner)
+                    .values(**values)
+                )
+                if result.rowcount != 1:
+                    continue  # the lease was lost: someone else has it now
+                if outcome.action == "deliver":
+                    Store._insert_message(s, outcome.account_id, local_copy(outcome, bodies[c.queue_id]), c.sender)
+                elif outcome.action == "forward":
+                    s.add_all(
+                        QueueRecipient(
+                            queue_id=c.queue_id, recipient=t, domain=t.rpartition("@")[2], next_attempt_at=now, updated_at=now
+                        )
+                        for t in outcome.targets
+                    )
+                applied.append(outcome)
+            failed: dict[int, list[Outcome]] = {}
+            for outcome in applied:
+                if outcome.action == "fail":
+                    failed.setdefault(outcome.claimed.queue_id, []).append(outcome)
+            for queue_id, items in failed.items():
+                text = bounce(items[0].claimed, items, bodies[queue_id])
+                if text is not None:
+                    sender = items[0].claimed.sender
+                    queued = QueuedMessage(sender="", body=text, size=len(text), origin="bounce")
+                    s.add(queued)
+                    s.flush()
+                    s.add(
+                        QueueRecipient(
+                            queue_id=queued.id, recipient=sender, domain=sender.rpartition("@")[2],
+                            next_attempt_at=now, updated_at=now,
+                        )
+                    )
+        return applied
+
+    # --- administration ----------------------------------------------------------------
+
+    def queue_list(self) -> list[tuple]:
+        """(id, sender, size, created_at, origin, [(recipient, state, attempts, last_error)])."""
+        with self.db.read() as s:
+            messages = s.execute(
+                select(QueuedMessage.id, QueuedMessage.sender, QueuedMessage.size, QueuedMessage.created_at, QueuedMessage.origin)
+                .where(QueuedMessage.id.in_(select(QueueRecipient.queue_id).where(QueueRecipient.state.not_in(("delivered", "failed")))))
+                .order_by(QueuedMessage.id)
+            ).all()
+            return [tuple(m) + (self._recipients(s, m.id),) for m in messages]
+
+    @staticmethod
+    def _recipients(s, queue_id: int) -> list[tuple]:
+        return [
+            tuple(r)
+            for r in s.execute(
+                select(QueueRecipient.recipient, QueueRecipient.state, QueueRecipient.attempts, QueueRecipient.last_error, QueueRecipient.next_attempt_at)
+                .where(QueueRecipient.queue_id == queue_id)
+                .order_by(QueueRecipient.id)
+            )
+        ]
+
+    def queue_show(self, queue_id: int) -> tuple:
+        """(id, sender, size, created_at, origin, recipients, body); Refused if unknown."""
+        with self.db.read() as s:
+            row = s.get(QueuedMessage, queue_id)
+            if row is None:
+                raise Refused(f"no such queued message: {queue_id}")
+            return (row.id, row.sender, row.size, row.created_at, row.origin, self._recipients(s, queue_id), row.body)
+
+    def queue_set_state(self, queue_id: int | None, from_states: tuple[str, ...], to_state: str) -> int:
+        """Move recipients (of one message, or all) between states; return how many moved."""
+        with self.db.write() as s:
+            query = update(QueueRecipient).where(QueueRecipient.state.in_(from_states))
+            if queue_id is not None:
+                if s.get(QueuedMessage, queue_id) is None:
+                    raise Refused(f"no such queued message: {queue_id}")
+                query = query.where(QueueRecipient.queue_id == queue_id)
+            values = {"state": to_state, "updated_at": utcnow()}
+            if to_state == "queued":
+                values["next_attempt_at"] = utcnow()
+            return s.execute(query.values(**values)).rowcount
+
+    def queue_delete(self, queue_id: int) -> None:
+        with self.db.write() as s:
+            row = s.get(QueuedMessage, queue_id)
+            if row is None:
+                raise Refused(f"no such queued message: {queue_id}")
+            s.execute(delete(QueueRecipient).where(QueueRecipient.queue_id == queue_id))
+            s.delete(row)
+
+
+class Store(QueueOps):
     """The database operations of mailsrv (see the module docstring for the contract)."""
 
     def __init__(self, db: Database):

@@ -134,8 +134,12 @@ class LineClient:
             lines.append(line)
 
     def closed(self) -> bool:
-        """True when the server has closed the connection (reads end of input)."""
-        return self.file.read() == b""
+        """True when the server has closed the connection (end of input, or a reset because
+        it closed with our data unread); False if more data came."""
+        try:
+            return self.file.read() == b""
+        except ConnectionResetError:
+            return True
 
     def close(self) -> None:
         self.file.close()

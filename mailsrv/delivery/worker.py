@@ -1,0 +1,163 @@
+"""The delivery workers: background threads that work the queue.
+
+``Worker.run_once()`` leases a batch of due recipients in our own domains and settles each
+(see :meth:`mailsrv.store.QueueOps.settle`):
+
+- a local account: the message (with ``Return-Path`` and ``Delivered-To`` added) is written
+  to the mailbox in the same transaction that marks the recipient delivered, so it is
+  delivered exactly once whatever the number of workers, processes or crashes;
+- an alias: new recipients of the same message (its envelope sender kept), which may be
+  remote ones for the relay;
+- an ODMR domain: ``held`` until the customer's ATRN;
+- an unknown local address, or a mailbox over quota that the message cannot fit before the
+  queue lifetime ends: ``failed``, with one RFC 3464 bounce per message to the sender
+  (never for the empty sender).
+
+Remote recipients stay ``queued`` for the relay. A lease names its holder
+(``host:pid:worker``); at start the leases of dead processes on this host are taken back at
+once, other hosts' leases when they expire (``[delivery] lease``). Queuing a message wakes
+the workers at once (:meth:`DeliveryPool.wake`); they also look every POLL seconds, for
+retries and for mail queued by other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from ..config import Config
+from ..db import DatabaseUnavailable
+from ..models import utcnow
+from ..store import Claimed, Outcome, Store, lock_holder
+from .bounce import build_bounce
+
+log = logging.getLogger("mailsrv.delivery")
+
+POLL = 1.0
+BATCH = 100
+MAX_ALIAS_HOPS = 10
+
+
+class Worker:
+    """One worker: ``run_once()`` handles one batch; ``loop()`` runs until stopped."""
+
+    def __init__(self, store: Store, config: Config, name: str = "w1"):
+        self.store = store
+        self.config = config
+        self.owner = lock_holder(name)
+
+    def run_once(self) -> int:
+        """Claim and settle one batch; return how many recipients were handled."""
+        claimed = self.store.claim(self.owner, self.config.delivery.lease, BATCH)
+        if not claimed:
+            return 0
+        outcomes = [self.decide(c) for c in claimed]
+        applied = self.store.settle(self.owner, outcomes, self.local_copy, self.bounce)
+        for outcome in applied:
+            c = outcome.claimed
+            log.info(
+                "queue %d: <%s> %s%s", c.queue_id, c.recipient, outcome.action,
+                f" ({outcome.status or ''} {outcome.error})" if outcome.error else "",
+            )
+        return len(claimed)
+
+    def decide(self, c: Claimed) -> Outcome:
+        address = c.recipient
+        for _ in range(MAX_ALIAS_HOPS):
+            where = self.store.resolve(address)
+            if where.kind == "account":
+                return self.to_mailbox(c, where.account)
+            if where.kind == "odmr":
+                return Outcome(c, "hold") if address == c.recipient else Outcome(c, "forward", targets=(address,))
+            if where.kind == "remote":
+                return Outcome(c, "forward", targets=(address,))
+            if where.kind == "unknown":
+                return Outcome(c, "fail", status="5.1.1", error=f"no such user here: {address}")
+            address = where.target.lower()
+        return Outcome(c, "fail", status="5.4.6", error=f"alias loop at {address}")
+
+    def to_mailbox(self, c: Claimed, account) -> Outcome:
+        quota = account.quota_bytes
+        if quota is not None:
+            size = c.size + 200  # with the added trace fields
+            if size > quota:
+                return Outcome(c, "fail", status="5.2.2", error=f"message larger than the mailbox quota of {account.address}")
+            _, used = self.store.mailbox_usage(account.id)
+            if used + size > quota:
+                delay = self.backoff(c.attempts)
+                expires = c.created_at + timedelta(seconds=self.config.delivery.queue_lifetime)
+                if utcnow() + timedelta(seconds=delay) > expires:
+                    return Outcome(c, "fail", status="5.2.2", error=f"mailbox of {account.address} is full")
+                return Outcome(c, "retry", delay=delay, status="4.2.2", error="mailbox full")
+        return Outcome(c, "deliver", account_id=account.id)
+
+    def backoff(self, attempts: int) -> float:
+        d = self.config.delivery
+        return min(d.max_backoff, d.min_backoff * 2 ** min(attempts, 30))
+
+    @staticmethod
+    def local_copy(outcome: Outcome, body: bytes) -> bytes:
+        c = outcome.claimed
+        return f"Return-Path: <{c.sender}>\r\nDelivered-To: {c.recipient}\r\n".encode() + body
+
+    def bounce(self, c: Claimed, failed: list[Outcome], body: bytes) -> bytes | None:
+        if c.origin == "bounce" or not c.sender:
+            return None
+        return build_bounce(
+            self.config.server.hostname, c.sender, c.created_at, body,
+            [(o.claimed.recipient, o.status, o.error) for o in failed],
+        )
+
+
+class DeliveryPool:
+    """``[delivery] workers`` threads running :class:`Worker` loops."""
+
+    def __init__(self, store: Store, config: Config):
+        self.store = store
+        self.config = config
+        self.workers = [Worker(store, config, f"w{i + 1}") for i in range(config.delivery.workers)]
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    def wake(self) -> None:
+        """Something was queued: look now."""
+        self._wake.set()
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Wait until ``predicate()`` holds, checking after each batch the workers finish
+        (for tests and scripts); False if ``timeout`` seconds pass first."""
+        with self._progress:
+            return self._progress.wait_for(predicate, timeout)
+
+    def start(self) -> None:
+        for worker in self.workers:
+            thread = threading.Thread(target=self._loop, args=(worker,), name=f"delivery-{worker.owner}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _loop(self, worker: Worker) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = worker.run_once()
+            except DatabaseUnavailable as exc:
+                log.warning("delivery paused: database unavailable: %s", exc)
+                handled = 0
+                self._stop.wait(POLL)
+            except Exception:
+                log.exception("delivery worker failed; going on")
+                handled = 0
+                self._stop.wait(POLL)
+            with self._progress:
+                self._progress.notify_all()
+            if not handled:
+                self._wake.wait(POLL)
+                self._wake.clear()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
