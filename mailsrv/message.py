@@ -118,9 +118,14 @@ def addresses(fields: list[bytes], names: tuple[str, ...]) -> list[str]:
     """Every address in the named fields, in order ("Name <a@b>" -> "a@b"; groups opened)."""
     from email.utils import getaddresses
 
-    values = [field_value(f) for f in fields if field_name(f) in names]
-    # an unparsable entry comes back without an address: keep its text so it can be named
-    return [addr or name for name, addr in getaddresses(values) if addr or name]
+    result: list[str] = []
+    for value in (field_value(f) for f in fields if field_name(f) in names):
+        pairs = getaddresses([value])
+        if ("", "") in pairs:  # the strict parser's mark of a malformed list: name all of it
+            result.append(value)
+        else:  # an entry without an address ("To: Joe") keeps its text so it can be named
+            result.extend(addr or name for name, addr in pairs if addr or name)
+    return result
 
 
 _DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")

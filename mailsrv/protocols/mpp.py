@@ -205,7 +205,7 @@ class MppHandler(LineHandler):
             added.append(msg.header_line("From", f"<{poster}>"))
         elif [s.lower() for s in senders] != [poster]:
             if self.config.mpp.from_policy == "reject":
-                raise Refusal(f"From: names someone other than {poster}")
+                raise Refusal(f"From: {', '.join(senders)} is not the poster {poster}")
             kept = [f for f in kept if msg.field_name(f) != "sender"]
             added.append(msg.header_line("Sender", f"<{poster}>"))
         names = {msg.field_name(f) for f in fields}
