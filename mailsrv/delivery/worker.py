@@ -52,6 +52,7 @@ class Worker:
         claimed = self.store.claim(self.owner, self.config.delivery.lease, BATCH)
         if not claimed:
             return 0
+        self.pending: dict[int, int] = {}  # octets this batch will add, per account
         outcomes = [self.decide(c) for c in claimed]
         applied = self.store.settle(self.owner, outcomes, self.local_copy, self.bounce)
         for outcome in applied:
@@ -79,17 +80,18 @@ class Worker:
 
     def to_mailbox(self, c: Claimed, account) -> Outcome:
         quota = account.quota_bytes
+        size = c.size + len(c.sender) + len(c.recipient) + 40  # with the trace fields
         if quota is not None:
-            size = c.size + 200  # with the added trace fields
             if size > quota:
                 return Outcome(c, "fail", status="5.2.2", error=f"message larger than the mailbox quota of {account.address}")
             _, used = self.store.mailbox_usage(account.id)
-            if used + size > quota:
+            if used + self.pending.get(account.id, 0) + size > quota:
                 delay = self.backoff(c.attempts)
                 expires = c.created_at + timedelta(seconds=self.config.delivery.queue_lifetime)
                 if utcnow() + timedelta(seconds=delay) > expires:
                     return Outcome(c, "fail", status="5.2.2", error=f"mailbox of {account.address} is full")
                 return Outcome(c, "retry", delay=delay, status="4.2.2", error="mailbox full")
+        self.pending[account.id] = self.pending.get(account.id, 0) + size
         return Outcome(c, "deliver", account_id=account.id)
 
     def backoff(self, attempts: int) -> float:
