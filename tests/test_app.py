@@ -3,7 +3,6 @@ cleanly within 5 s with sessions open, and a restart finds no stale maildrop loc
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess

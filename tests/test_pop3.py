@@ -11,7 +11,7 @@ import pytest
 
 from mailsrv.auth import apop_digest, cram_md5_digest
 
-from .conftest import PASSWORD, deliver, transcript
+from .conftest import PASSWORD, deliver
 from .test_server import certificate  # noqa: F401  (fixture)
 
 ANN = "ann@example.org"
