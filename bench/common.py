@@ -1,0 +1,158 @@
+"""Shared pieces of the benchmarks: a mailsrv server process, users, memory, percentiles.
+
+Benchmarks print figures; they never pass or fail anything. Every connection goes to
+127.0.0.1 only, every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LISTENING = re.compile(r"(\w+) listening on ([\d.]+):(\d+)")
+
+
+def raise_fd_limit(wanted: int = 20000) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of one process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pss_tree_mb(pid: int) -> float:
+    """Proportional set size summed over a process and all its descendants, in MiB."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    result, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            result.append(child)
+            todo.append(child)
+    return result
+
+
+class MailsrvProcess:
+    """`mailsrv serve` in a child process on ephemeral loopback ports."""
+
+    def __init__(self, folder: Path, database: str | None = None, **sections: dict[str, str]):
+        self.folder = folder
+        database = database or f"sqlite:///{folder / 'mailsrv.db'}"
+        settings = {
+            "server": {"hostname": "bench.example", "database": database, "log_level": "info",
+                       "max_connections": "20000", "max_connections_per_ip": "20000"},
+            "pop3": {"listen": "127.0.0.1:0"},
+            "pop": {"listen": ""},
+            "mpp": {"listen": "127.0.0.1:0", "max_message_size": "25M"},
+            "odmr": {"listen": ""},
+            "smtp": {"listen": "", "submission": ""},
+            "auth": {"bcrypt_rounds": "4", "failure_delay": "0"},
+            "delivery": {"workers": "2"},
+        }
+        for section, keys in sections.items():
+            settings.setdefault(section, {}).update(keys)
+        self.conf = folder / "mailsrv.conf"
+        self.conf.write_text("".join(
+            f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for section, keys in settings.items()
+        ))
+        self.database = database
+
+    def start(self) -> MailsrvProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailsrv.cli", "-c", str(self.conf), "serve"],
+            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=raise_fd_limit,
+        )
+        self.addresses: dict[str, tuple[str, int]] = {}
+        ready = threading.Event()
+
+        def drain() -> None:  # keep reading the log so the server never blocks on it
+            with open(self.folder / "mailsrv.log", "w") as log:
+                for line in self.proc.stderr:
+                    log.write(line)
+                    match = LISTENING.search(line)
+                    if match:
+                        self.addresses[match.group(1)] = (match.group(2), int(match.group(3)))
+                    if "mailsrv ready" in line:
+                        ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        ready.wait(120)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mailsrv did not start: see {self.folder / 'mailsrv.log'}")
+        return self
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def temp_folder(prefix: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    return folder
+
+
+def read_until(sock: socket.socket, end: bytes, buffer: bytearray) -> bytes:
+    """Read from ``sock`` until the data ends with ``end``; return it (buffer reused)."""
+    del buffer[:]
+    view_size = 1 << 18
+    while True:
+        chunk = sock.recv(view_size)
+        if not chunk:
+            raise ConnectionError("server closed")
+        buffer += chunk
+        if buffer.endswith(end):
+            return bytes(buffer)
+
+
+def now() -> float:
+    return time.perf_counter()
