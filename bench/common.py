@@ -141,17 +141,20 @@ def temp_folder(prefix: str) -> Path:
     return folder
 
 
-def read_until(sock: socket.socket, end: bytes, buffer: bytearray) -> bytes:
-    """Read from ``sock`` until the data ends with ``end``; return it (buffer reused)."""
+def read_until(sock: socket.socket, end: bytes, buffer: bytearray) -> int:
+    """Read from ``sock`` until the data ends with ``end``; the data is left in ``buffer``
+    (cleared first) and its length returned. Reads go into one preallocated area."""
     del buffer[:]
-    view_size = 1 << 18
+    chunk = bytearray(65536)
+    view = memoryview(chunk)
+    tail = len(end)
     while True:
-        chunk = sock.recv(view_size)
-        if not chunk:
+        n = sock.recv_into(view)
+        if not n:
             raise ConnectionError("server closed")
-        buffer += chunk
-        if buffer.endswith(end):
-            return bytes(buffer)
+        buffer += view[:n]
+        if buffer[-tail:] == end:
+            return len(buffer)
 
 
 def now() -> float:

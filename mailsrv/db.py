@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -33,6 +33,8 @@ from . import models
 #: unavailable (SQLite busy timeout; PostgreSQL lock_timeout)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_LOCK_TIMEOUT_MS = 30_000
+#: SQLite reads pages through a memory map of up to this size (no read() per page)
+SQLITE_MMAP_SIZE = 1 << 30
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -84,6 +86,15 @@ class Database:
         except UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
 
+    @contextmanager
+    def read_core(self) -> Iterator[Connection]:
+        """One read-only transaction on a Core connection: the fast path for hot reads."""
+        try:
+            with self.engine.connect() as connection, connection.begin():
+                yield connection
+        except UNAVAILABLE as exc:
+            raise DatabaseUnavailable(_describe(exc)) from exc
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -105,6 +116,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_SIZE}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

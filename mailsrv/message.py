@@ -25,12 +25,37 @@ def to_crlf(data: bytes) -> bytes:
 def dot_stuff(body: bytes) -> bytes:
     """The multi-line form of a CRLF message: lines starting with "." get one more, and the
     terminating ``.CRLF`` is added (RFC 1939 section 3, RFC 5321 section 4.5.2)."""
-    if body and not body.endswith(CRLF):
-        body += CRLF
-    stuffed = body.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
+    return b"".join(dot_stuff_parts(body))
+
+
+def dot_line_offsets(body: bytes) -> list[int]:
+    """The offsets at which lines starting with "." begin in a CRLF message."""
+    offsets = [0] if body.startswith(b".") else []
+    at = body.find(b"\r\n.")
+    while at >= 0:
+        offsets.append(at + 2)
+        at = body.find(b"\r\n.", at + 3)
+    return offsets
+
+
+def encode_offsets(offsets: list[int]) -> str:
+    return " ".join(map(str, offsets))
+
+
+def dot_stuff_parts(body: bytes, offsets: str | None = None) -> list[bytes | memoryview]:
+    """:func:`dot_stuff` as pieces to send one after another, without copying the body.
+    ``offsets`` is the stored :func:`dot_line_offsets` (None: find them now)."""
+    found = dot_line_offsets(body) if offsets is None else [int(o) for o in offsets.split()]
+    if found:
+        view, start, parts = memoryview(body), 0, []
+        for offset in found:
+            parts += [view[start:offset], b"."]
+            start = offset
+        parts.append(view[start:])
+    else:
+        parts = [body]
+    parts.append(b".\r\n" if not body or body.endswith(CRLF) else b"\r\n.\r\n")
+    return parts
 
 
 def dot_unstuff_line(line: bytes) -> bytes:

@@ -133,6 +133,9 @@ class Message(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     seen: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: where the lines that start with "." begin (octet offsets, space-separated; '' for
+    #: none), found once at delivery so that RETR never scans a body; NULL: not known
+    dot_offsets: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class MaildropLock(Base):

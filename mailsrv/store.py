@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .message import to_crlf
+from .message import dot_line_offsets, encode_offsets, to_crlf
 from .models import (
     Account,
     Alias,
@@ -114,6 +114,18 @@ def holder_is_dead(holder: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+ACCOUNT_COLUMNS = (
+    Account.id,
+    Account.address,
+    Account.domain_id,
+    Account.password_hash,
+    Account.cram_secret,
+    Account.enabled,
+    Account.quota_bytes,
+    Account.last_login_at,
+)
 
 
 def _account_info(row: Account) -> AccountInfo:
@@ -386,9 +398,11 @@ class Store(QueueOps):
 
     def find_account(self, address: str) -> AccountInfo | None:
         """The account with this address (any case), enabled or not; None if there is none."""
-        with self.db.read() as s:
-            row = s.scalars(select(Account).where(Account.address == address.strip().lower())).first()
-            return _account_info(row) if row else None
+        with self.db.read_core() as c:
+            row = c.execute(
+                select(*ACCOUNT_COLUMNS).where(Account.address == address.strip().lower())
+            ).first()
+            return AccountInfo(*row) if row else None
 
     def record_login(self, account_id: int) -> None:
         """Set ``last_login_at`` to now."""
@@ -399,13 +413,13 @@ class Store(QueueOps):
 
     def snapshot(self, account_id: int) -> list[MessageInfo]:
         """The account's messages in arrival order (id ascending): ids, uids, sizes; no bodies."""
-        with self.db.read() as s:
-            rows = s.execute(
+        with self.db.read_core() as c:
+            rows = c.execute(
                 select(Message.id, Message.uid, Message.size, Message.seen)
                 .where(Message.account_id == account_id)
                 .order_by(Message.id)
             )
-            return [MessageInfo(r.id, r.uid, r.size, bool(r.seen)) for r in rows]
+            return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def read_body(self, account_id: int, message_id: int) -> bytes | None:
         """The stored message (CRLF line ends, not byte-stuffed); None if it is gone."""
@@ -414,15 +428,16 @@ class Store(QueueOps):
                 select(Message.body).where(Message.id == message_id, Message.account_id == account_id)
             )
 
-    def read_bodies(self, account_id: int, ids: Sequence[int]) -> dict[int, bytes]:
-        """The bodies of several messages of the account at once (missing ones left out)."""
-        with self.db.read() as s:
-            rows = s.execute(
-                select(Message.id, Message.body).where(
+    def read_bodies(self, account_id: int, ids: Sequence[int]) -> dict[int, tuple[bytes, str | None]]:
+        """{id: (body, dot_offsets)} of several messages of the account at once (missing
+        ones left out); see :func:`mailsrv.message.dot_stuff_parts` for the offsets."""
+        with self.db.read_core() as c:
+            rows = c.execute(
+                select(Message.id, Message.body, Message.dot_offsets).where(
                     Message.account_id == account_id, Message.id.in_(list(ids))
                 )
             )
-            return {r.id: r.body for r in rows}
+            return {r[0]: (r[1], r[2]) for r in rows.all()}
 
     def read_messages(self, account_id: int, ids: Sequence[int]) -> dict[int, tuple[str, datetime, bytes]]:
         """{id: (envelope sender, received_at, body)} of several messages (missing ones left out)."""
@@ -469,7 +484,8 @@ class Store(QueueOps):
     def _insert_message(s, account_id: int, body: bytes, sender: str) -> int:
         body = to_crlf(body)  # the stored form: CRLF line ends, ending with CRLF
         message = Message(
-            account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body
+            account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body,
+            dot_offsets=encode_offsets(dot_line_offsets(body)),
         )
         s.add(message)
         s.flush()

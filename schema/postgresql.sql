@@ -53,6 +53,7 @@ CREATE TABLE messages (
 	body BYTEA NOT NULL,
 	received_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	seen BOOLEAN NOT NULL,
+	dot_offsets TEXT,
 	CONSTRAINT pk_messages PRIMARY KEY (id),
 	CONSTRAINT fk_messages_account_id_accounts FOREIGN KEY(account_id) REFERENCES accounts (id) ON DELETE CASCADE,
 	CONSTRAINT uq_messages_uid UNIQUE (uid)

@@ -50,6 +50,7 @@ CREATE TABLE messages (
 	body BLOB NOT NULL,
 	received_at DATETIME NOT NULL,
 	seen BOOLEAN NOT NULL,
+	dot_offsets TEXT,
 	CONSTRAINT fk_messages_account_id_accounts FOREIGN KEY(account_id) REFERENCES accounts (id) ON DELETE CASCADE,
 	CONSTRAINT uq_messages_uid UNIQUE (uid)
 );

@@ -128,3 +128,13 @@ def test_user_always_ok_and_wrong_password_err(pop):
     assert c.ask("PASS whatever") == "-ERR invalid user name or password"
     assert c.ask(f"USER {ANN}") == "+OK"
     assert c.ask("PASS wrong") == "-ERR invalid user name or password"
+
+
+def test_stored_dot_offsets_match_the_body(store, accounts):
+    from mailsrv.message import dot_line_offsets, dot_stuff, dot_stuff_parts
+
+    body = b".first\r\nplain\r\n..second\r\n.\r\nend"
+    message_id = deliver(store, ANN, body)
+    ((stored, offsets),) = store.read_bodies(store.find_account(ANN).id, [message_id]).values()
+    assert [int(o) for o in offsets.split()] == dot_line_offsets(stored) == [0, 15, 25]
+    assert b"".join(dot_stuff_parts(stored, offsets)) == dot_stuff(stored) == b"..first\r\nplain\r\n...second\r\n..\r\nend\r\n.\r\n"

@@ -57,3 +57,30 @@ def test_sqlite_pragmas(database):
         assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert s.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert s.connection().exec_driver_sql("PRAGMA busy_timeout").scalar() == dbmod.SQLITE_BUSY_TIMEOUT_MS
+
+
+def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
+    """A database made by revision 0001 migrates with its messages, and rows without
+    dot_offsets are byte-stuffed by scanning."""
+    from alembic import command
+    from sqlalchemy import text as sql
+
+    from mailsrv.message import dot_stuff, dot_stuff_parts
+    from mailsrv.store import Store
+
+    database = dbmod.Database(db_url)
+    cfg = dbmod.alembic_config(database)
+    with database.engine.connect() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0001")
+        connection.commit()
+    with database.write() as s:
+        s.execute(sql("INSERT INTO domains (name, kind, created_at) VALUES ('example.org', 'local', CURRENT_TIMESTAMP)"))
+        s.execute(sql("INSERT INTO accounts (address, domain_id, password_hash, enabled, created_at) VALUES ('ann@example.org', 1, 'x', :t, CURRENT_TIMESTAMP)"), {"t": True})
+        s.execute(sql("INSERT INTO messages (account_id, uid, sender, size, body, received_at, seen) VALUES (1, 'u1', '', 9, :b, CURRENT_TIMESTAMP, :f)"), {"b": b".a\r\n.b\r\n", "f": False})
+    assert dbmod.upgrade(database) == "0002"
+    store = Store(database)
+    ((body, offsets),) = store.read_bodies(1, [m.id for m in store.snapshot(1)]).values()
+    assert offsets is None
+    assert b"".join(dot_stuff_parts(body, offsets)) == dot_stuff(body) == b"..a\r\n..b\r\n.\r\n"
+    database.dispose()

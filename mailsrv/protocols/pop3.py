@@ -32,7 +32,7 @@ import time
 from typing import ClassVar
 
 from .. import auth as authmod
-from ..message import dot_stuff, top
+from ..message import dot_stuff_parts, top
 from ..server import LineHandler, ProtocolError
 from ..store import MessageInfo, lock_holder
 
@@ -281,8 +281,9 @@ class Pop3Handler(LineHandler):
     def cmd_UIDL(self, arg: str) -> None:
         self.listing(arg, "uid", "unique-id listing follows")
 
-    def body(self, n: int, message: MessageInfo) -> bytes:
-        """A message's stored text, read ahead with the next ones up to READ_AHEAD octets."""
+    def body(self, n: int, message: MessageInfo) -> tuple[bytes, str | None]:
+        """A message's stored text and dot-line offsets, read ahead with the next ones up
+        to READ_AHEAD octets."""
         body = self.cache.pop(message.id, None)
         if body is not None:
             return body
@@ -302,8 +303,8 @@ class Pop3Handler(LineHandler):
 
     def cmd_RETR(self, arg: str) -> None:
         n, message = self.number(arg)
-        body = self.body(n, message)
-        self.send_bytes(f"+OK {message.size} octets\r\n".encode() + dot_stuff(body))
+        body, offsets = self.body(n, message)
+        self.send_parts([f"+OK {message.size} octets\r\n".encode(), *dot_stuff_parts(body, offsets)])
         self.retrieved.add(message.id)
         self.last = max(self.last, n)
 
@@ -314,9 +315,10 @@ class Pop3Handler(LineHandler):
         n, message = self.number(parts[0])
         if not parts[1].isdigit() or not parts[1].isascii() or len(parts[1]) > 10:
             raise ProtocolError("-ERR invalid number of lines")
-        body = self.body(n, message)
-        self.cache[message.id] = body  # TOP does not consume the read-ahead
-        self.send_bytes(b"+OK top of message follows\r\n" + dot_stuff(top(body, int(parts[1]))))
+        body, offsets = self.cache[message.id] = self.body(n, message)  # TOP keeps it cached
+        head = top(body, int(parts[1]))
+        stuffed = dot_stuff_parts(body, offsets) if head is body else dot_stuff_parts(head)
+        self.send_parts([b"+OK top of message follows\r\n", *stuffed])
 
     def cmd_DELE(self, arg: str) -> None:
         n, message = self.number(arg)

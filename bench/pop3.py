@@ -1,0 +1,413 @@
+"""POP3: mailsrv and Dovecot side by side in one run, on the same machine and load.
+
+    python bench/pop3.py [--seconds 5] [--idle 2000] [--only mailsrv]
+
+Dovecot (Debian `dovecot-pop3d`) is set up by this script on a loopback port with its own
+standalone config, the same users, bcrypt hashes of the same cost (10) and the same
+messages (Maildir). Figures, each for both servers and their ratio (mailsrv / Dovecot):
+
+- logins per second (USER, PASS, QUIT) at 1, 8 and 32 concurrent clients;
+- RETR throughput in MB/s for 10 KB and 1 MB messages at 1 and 8 clients;
+- login + STAT + LIST + UIDL time for a 10,000-message mailbox (median of 5);
+- 2,000 idle logged-in sessions: resident memory (mailsrv: RSS of its one process;
+  Dovecot: PSS summed over its process tree) and p50/p99 NOOP latency while they are open.
+
+The load generator is one thread per client with a blocking socket (see PEERS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+from common import (
+    MailsrvProcess,
+    now,
+    percentile,
+    pss_tree_mb,
+    raise_fd_limit,
+    read_until,
+    rss_mb,
+    temp_folder,
+)
+
+PASSWORD = "bench-password"
+COST = 10
+IDLE_COST = 4  # the idle sessions only need to log in, quickly, on both servers
+DOMAIN = "bench.example"
+
+
+PROSE = [
+    b"Dear colleagues, the quarterly figures are attached to this message as promised.",
+    b"Please check the numbers for your department before Friday and send corrections",
+    b"to the finance office; the board meets on Monday morning at nine o'clock sharp.",
+]
+
+
+def make_message(index: int, size: int) -> bytes:
+    """A plain-text message of about ``size`` octets: prose lines, and one line starting
+    with "." (as a signature separator might) so that byte-stuffing is exercised."""
+    header = f"From: load@{DOMAIN}\r\nTo: user@{DOMAIN}\r\nSubject: message {index}\r\nMessage-ID: <{index}.{size}@bench>\r\n\r\n"
+    body = bytearray(header.encode())
+    n = 0
+    while len(body) < size - 40:
+        body += PROSE[n % len(PROSE)] + b"\r\n"
+        n += 1
+    return bytes(body + b".. the sender's signature, dot-stuffed\r\n")
+
+
+# --- the two servers ------------------------------------------------------------------
+
+
+class Mailsrv:
+    name = "mailsrv"
+
+    def __init__(self, folder: Path):
+        self.process = MailsrvProcess(folder, delivery={"workers": "0"})
+        from mailsrv import db as dbmod
+        from mailsrv.store import Store
+
+        self.db = dbmod.Database(self.process.database)
+        dbmod.upgrade(self.db)
+        self.store = Store(self.db)
+        self.store.add_domain(DOMAIN)
+
+    def add_users(self, names: list[str], cost: int) -> None:
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
+        from mailsrv.models import Account
+
+        domain_id = self.store.list_domains()[0].id
+        with self.db.write() as s:
+            s.add_all(Account(address=f"{n}@{DOMAIN}", domain_id=domain_id, password_hash=hashed) for n in names)
+
+    def add_messages(self, name: str, bodies: list[bytes]) -> None:
+        from mailsrv.message import dot_line_offsets, encode_offsets
+        from mailsrv.models import Message
+        from mailsrv.store import new_uid
+
+        account = self.store.find_account(f"{name}@{DOMAIN}")
+        with self.db.write() as s:  # in bulk, as the store's delivery would write them
+            s.add_all(
+                Message(account_id=account.id, uid=new_uid(), sender="", size=len(b), body=b,
+                        dot_offsets=encode_offsets(dot_line_offsets(b)))
+                for b in bodies
+            )
+
+    def start(self) -> None:
+        self.process.start()
+        self.address = self.process.addresses["pop3"]
+
+    def memory_mb(self) -> float:
+        return rss_mb(self.process.proc.pid)
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.db.dispose()
+
+
+class Dovecot:
+    name = "dovecot"
+
+    def __init__(self, folder: Path, port: int):
+        if shutil.which("dovecot") is None:
+            raise SystemExit("Dovecot is not installed: apt-get install -y dovecot-pop3d")
+        self.folder = folder
+        self.port = port
+        self.address = ("127.0.0.1", port)
+        nobody = pwd.getpwnam("nobody")
+        self.uid, self.gid = nobody.pw_uid, nobody.pw_gid
+        (folder / "home").mkdir()
+        (folder / "run").mkdir()
+        self.passwd = folder / "passwd"
+        self.passwd.write_text("")
+        self.conf = folder / "dovecot.conf"
+        self.conf.write_text(f"""
+instance_name = mailsrv-bench-dovecot
+base_dir = {folder}/run
+state_dir = {folder}/state
+log_path = {folder}/dovecot.log
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:~/Maildir
+first_valid_uid = 1
+last_valid_uid = 0
+default_client_limit = 8000
+default_process_limit = 4000
+default_vsz_limit = 1G
+mail_max_userip_connections = 10000
+passdb {{
+  driver = passwd-file
+  args = scheme=BLF-CRYPT {self.passwd}
+}}
+userdb {{
+  driver = passwd-file
+  args = {self.passwd}
+  default_fields = uid={self.uid} gid={self.gid} home={folder}/home/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  service_count = 0
+  client_limit = 4000
+  process_limit = 4
+}}
+service pop3 {{
+  process_limit = 4000
+}}
+service anvil {{
+  client_limit = 8003
+}}
+service auth {{
+  client_limit = 8000
+}}
+""")
+        self.counter = 0
+
+    def add_users(self, names: list[str], cost: int) -> None:
+        hashed = subprocess.run(
+            ["doveadm", "-c", str(self.conf), "pw", "-s", "BLF-CRYPT", "-r", str(cost), "-p", PASSWORD],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        with open(self.passwd, "a") as handle:
+            for n in names:
+                handle.write(f"{n}@{DOMAIN}:{hashed}::::::\n")
+        for n in names:
+            home = self.folder / "home" / f"{n}@{DOMAIN}"
+            for sub in ("cur", "new", "tmp"):
+                (home / "Maildir" / sub).mkdir(parents=True)
+            for path in (home, home / "Maildir", *[home / "Maildir" / s for s in ("cur", "new", "tmp")]):
+                os.chown(path, self.uid, self.gid)
+
+    def add_messages(self, name: str, bodies: list[bytes]) -> None:
+        cur = self.folder / "home" / f"{name}@{DOMAIN}" / "Maildir" / "cur"
+        for body in bodies:
+            self.counter += 1
+            lf = body.replace(b"\r\n", b"\n")
+            path = cur / f"{1700000000 + self.counter}.M{self.counter}P1.bench,S={len(lf)},W={len(body)}:2,S"
+            path.write_bytes(lf)
+            os.chown(path, self.uid, self.gid)
+
+    def start(self) -> None:
+        subprocess.run(["dovecot", "-c", str(self.conf)], check=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(self.address, timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("Dovecot did not start: see " + str(self.folder / "dovecot.log"))
+
+    def memory_mb(self) -> float:
+        master = int((self.folder / "run" / "master.pid").read_text())
+        return pss_tree_mb(master)
+
+    def stop(self) -> None:
+        subprocess.run(["dovecot", "-c", str(self.conf), "stop"], check=False)
+
+
+# --- the clients ----------------------------------------------------------------------
+
+
+class Session:
+    """A POP3 client on a blocking socket."""
+
+    def __init__(self, address):
+        self.sock = socket.create_connection(address, timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+        self.line()
+
+    def line(self) -> bytes:
+        read_until(self.sock, b"\r\n", self.buffer)
+        return bytes(self.buffer)
+
+    def ask(self, command: bytes) -> bytes:
+        self.sock.sendall(command + b"\r\n")
+        reply = self.line()
+        if not reply.startswith(b"+"):
+            raise RuntimeError(f"{command!r}: {reply!r}")
+        return reply
+
+    def multi(self, command: bytes) -> int:
+        self.sock.sendall(command + b"\r\n")
+        size = read_until(self.sock, b"\r\n.\r\n", self.buffer)
+        if not self.buffer.startswith(b"+OK"):
+            raise RuntimeError(f"{command!r}: {bytes(self.buffer[:100])!r}")
+        return size
+
+    def login(self, user: str) -> None:
+        self.ask(f"USER {user}@{DOMAIN}".encode())
+        self.ask(f"PASS {PASSWORD}".encode())
+
+    def close(self) -> None:
+        try:
+            self.ask(b"QUIT")
+        except (OSError, RuntimeError):
+            pass
+        self.sock.close()
+
+
+def run_clients(count: int, target) -> list:
+    results: list = [None] * count
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, target(i))) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def logins_per_second(server, clients: int, seconds: float) -> float:
+    deadline = now() + seconds
+
+    def client(i: int) -> int:
+        done = 0
+        while now() < deadline:
+            s = Session(server.address)
+            s.login(f"login{i}")
+            s.close()
+            done += 1
+        return done
+
+    started = now()
+    total = sum(run_clients(clients, client))
+    return total / (now() - started)
+
+
+def retr_mb_per_second(server, clients: int, prefix: str, count: int, seconds: float) -> float:
+    deadline = now() + seconds
+
+    def client(i: int) -> int:
+        s = Session(server.address)
+        s.login(f"{prefix}{i}")
+        received = 0
+        n = 0
+        while now() < deadline:
+            received += s.multi(f"RETR {n % count + 1}".encode())
+            n += 1
+        s.close()
+        return received
+
+    started = now()
+    total = sum(run_clients(clients, client))
+    return total / (now() - started) / 1e6
+
+
+def big_mailbox_seconds(server, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = now()
+        s = Session(server.address)
+        s.login("big")
+        s.ask(b"STAT")
+        s.multi(b"LIST")
+        s.multi(b"UIDL")
+        s.close()
+        times.append(now() - t)
+    return percentile(times, 50)
+
+
+def idle_sessions(server, count: int) -> tuple[float, float, float, int]:
+    sessions = []
+    for i in range(count):
+        s = Session(server.address)
+        s.login(f"idle{i}")
+        sessions.append(s)
+    memory = server.memory_mb()
+    latencies = []
+    for s in sessions:
+        t = now()
+        s.ask(b"NOOP")
+        latencies.append((now() - t) * 1000)
+    for s in sessions:
+        s.close()
+    return memory, percentile(latencies, 50), percentile(latencies, 99), len(sessions)
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+def populate(server, idle: int) -> None:
+    server.add_users([f"login{i}" for i in range(32)], COST)
+    server.add_users([f"small{i}" for i in range(8)] + [f"large{i}" for i in range(8)] + ["big"], COST)
+    server.add_users([f"idle{i}" for i in range(idle)], IDLE_COST)
+    small = [make_message(i, 10 * 1024) for i in range(100)]
+    large = [make_message(i, 1024 * 1024) for i in range(8)]
+    for i in range(8):
+        server.add_messages(f"small{i}", small)
+        server.add_messages(f"large{i}", large)
+    server.add_messages("big", [make_message(i, 1024) for i in range(10_000)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
+    parser.add_argument("--idle", type=int, default=2000, help="idle logged-in sessions")
+    parser.add_argument("--only", choices=("mailsrv", "dovecot"))
+    args = parser.parse_args()
+    raise_fd_limit(args.idle * 3 + 2000)
+    servers = []
+    if args.only != "dovecot":
+        servers.append(Mailsrv(temp_folder("bench-mailsrv-")))
+    if args.only != "mailsrv":
+        servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port()))
+    results: dict[str, dict[str, float]] = {}
+    for server in servers:
+        print(f"setting up {server.name} ...", flush=True)
+        populate(server, args.idle)
+        server.start()
+        try:
+            r = results[server.name] = {}
+            for clients in (1, 8, 32):
+                r[f"logins/s, {clients} clients"] = logins_per_second(server, clients, args.seconds)
+                print(f"  {server.name}: logins/s at {clients}: {r[f'logins/s, {clients} clients']:.1f}", flush=True)
+            for label, prefix, count in (("10 KB", "small", 100), ("1 MB", "large", 8)):
+                for clients in (1, 8):
+                    key = f"RETR MB/s, {label}, {clients} clients"
+                    r[key] = retr_mb_per_second(server, clients, prefix, count, args.seconds)
+                    print(f"  {server.name}: {key}: {r[key]:.1f}", flush=True)
+            r["10,000-message login+STAT+LIST+UIDL, s"] = big_mailbox_seconds(server)
+            memory, p50, p99, held = idle_sessions(server, args.idle)
+            r[f"{held} idle sessions: memory MiB"] = memory
+            r[f"{held} idle sessions: NOOP p50 ms"] = p50
+            r[f"{held} idle sessions: NOOP p99 ms"] = p99
+            print(f"  {server.name}: idle sessions done", flush=True)
+        finally:
+            server.stop()
+    names = list(results)
+    keys = list(results[names[0]])
+    print()
+    header = f"{'figure':48}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) == 2 else "")
+    print(header)
+    print("-" * len(header))
+    for key in keys:
+        values = [results[n][key] for n in names]
+        line = f"{key:48}" + "".join(f"{v:12.2f}" for v in values)
+        if len(values) == 2 and values[1]:
+            line += f"{values[0] / values[1]:12.2f}"
+        print(line)
+    print("\nratio = mailsrv / dovecot (higher is better for rates, lower for times, memory, latency)")
+
+
+if __name__ == "__main__":
+    main()
