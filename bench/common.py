@@ -46,6 +46,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def rss_parts_mb(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of one process, in MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0])
+    return fields.get("Anonymous", 0) / 1024, (fields.get("Rss", 0) - fields.get("Anonymous", 0)) / 1024
+
+
 def pss_tree_mb(pid: int) -> float:
     """Proportional set size summed over a process and all its descendants, in MiB."""
     total = 0

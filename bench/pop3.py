@@ -36,6 +36,7 @@ from common import (
     raise_fd_limit,
     read_until,
     rss_mb,
+    rss_parts_mb,
     temp_folder,
 )
 
@@ -106,6 +107,8 @@ class Mailsrv:
         self.address = self.process.addresses["pop3"]
 
     def memory_mb(self) -> float:
+        anonymous, mapped = rss_parts_mb(self.process.proc.pid)
+        print(f"  mailsrv resident: {anonymous:.1f} MiB anonymous + {mapped:.1f} MiB file-backed", flush=True)
         return rss_mb(self.process.proc.pid)
 
     def stop(self) -> None:

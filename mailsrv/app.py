@@ -44,9 +44,9 @@ NOT_YET_SERVED = ("odmr", "smtp")
 
 
 def tune_malloc() -> None:
-    """Two malloc arenas instead of one per thread (glibc): thousands of session threads
-    then share memory instead of each growing an arena, and busy threads stop resizing
-    theirs on every message. Nothing happens where glibc is not the allocator."""
+    """glibc malloc for thousands of threads: two arenas instead of one per thread, so the
+    threads share memory instead of each growing an arena. Nothing happens where glibc
+    is not the allocator."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_ARENA_MAX, 2)

@@ -16,11 +16,12 @@ database to the newest revision and is idempotent (``mailsrv db init`` and ``db 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -35,6 +36,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_LOCK_TIMEOUT_MS = 30_000
 #: SQLite reads pages through a memory map of up to this size (no read() per page)
 SQLITE_MMAP_SIZE = 1 << 30
+#: page cache of each SQLite connection, in KiB (pages read through the map need little)
+SQLITE_CACHE_KIB = 1024
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -63,19 +66,36 @@ class Database:
         elif self.dialect == "postgresql":
             _configure_postgresql(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = threading.Lock() if self.dialect == "sqlite" else _NoLock()
 
     @contextmanager
-    def write(self) -> Iterator[Session]:
+    def write(self, durable: bool = True) -> Iterator[Session]:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
 
+        ``durable=False`` is for writes that protect no mail (maildrop locks, login times,
+        queue leases): they commit without waiting for the disk (SQLite
+        ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit = off``); a power cut may
+        undo them but never leaves the database inconsistent. Anything that accepts,
+        delivers or deletes mail stays durable.
+
+        On SQLite the writers of this process queue on a lock of their own, which wakes
+        the next one at once, rather than on SQLite's busy handler, which sleeps.
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         """
+        if not self._writer.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+            raise DatabaseUnavailable("database is busy")
         try:
             with self._sessions() as session, session.begin():
-                session.connection(execution_options={"mailsrv_write": True})
+                session.connection(
+                    execution_options={"mailsrv_write": True, "mailsrv_durable": durable}
+                )
+                if not durable and self.dialect == "postgresql":
+                    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
                 yield session
         except UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
+        finally:
+            self._writer.release()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -102,27 +122,46 @@ class Database:
 UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
 
 
+class _NoLock:
+    """PostgreSQL needs no writer lock: its own row locks do the work."""
+
+    def acquire(self, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 def _describe(exc: Exception) -> str:
     return str(getattr(exc, "orig", None) or exc).splitlines()[0]
 
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):
+    def _on_connect(dbapi_connection, record):
         # pysqlite's own transaction handling is off: we emit BEGIN ourselves below.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
+        record.info["synchronous"] = "FULL"
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_SIZE}")
+        cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        write = connection.get_execution_options().get("mailsrv_write", False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        options = connection.get_execution_options()
+        if not options.get("mailsrv_write", False):
+            connection.exec_driver_sql("BEGIN")
+            return
+        synchronous = "FULL" if options.get("mailsrv_durable", True) else "NORMAL"
+        if connection.info.get("synchronous") != synchronous:
+            connection.exec_driver_sql(f"PRAGMA synchronous = {synchronous}")
+            connection.info["synchronous"] = synchronous
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _configure_postgresql(engine: Engine) -> None:
@@ -144,8 +183,15 @@ def alembic_config(db: Database):
     return cfg
 
 
+#: the newest revision in mailsrv/migrations/versions (tests/test_schema.py checks it), so
+#: that a server whose database is current never loads Alembic at all
+HEAD_REVISION = "0002"
+
+
 def upgrade(db: Database) -> str:
     """Create or migrate the schema to the newest revision; return that revision."""
+    if current_revision(db) == HEAD_REVISION:
+        return HEAD_REVISION
     from alembic import command
     from alembic.script import ScriptDirectory
 
@@ -159,10 +205,13 @@ def upgrade(db: Database) -> str:
 
 def current_revision(db: Database) -> str | None:
     """The Alembic revision the database is at, or None before ``db init``."""
-    from alembic.runtime.migration import MigrationContext
-
-    with db.engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+    try:
+        with db.engine.connect() as connection:
+            if not inspect(connection).has_table("alembic_version"):
+                return None
+            return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    except UNAVAILABLE as exc:
+        raise DatabaseUnavailable(_describe(exc)) from exc
 
 
 def schema_ready(db: Database) -> bool:

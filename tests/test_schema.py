@@ -84,3 +84,18 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
     assert offsets is None
     assert b"".join(dot_stuff_parts(body, offsets)) == dot_stuff(body) == b"..a\r\n..b\r\n.\r\n"
     database.dispose()
+
+
+def test_head_revision_constant_is_alembics_head(database):
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(dbmod.alembic_config(database)).get_current_head() == dbmod.HEAD_REVISION
+
+
+def test_durable_writes_sync_fully_after_a_lighter_one(database):
+    if database.dialect != "sqlite":
+        pytest.skip("SQLite only")
+    with database.write(durable=False) as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with database.write() as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
