@@ -98,6 +98,23 @@ class Database:
             self._writer.release()
 
     @contextmanager
+    def write_core(self, durable: bool = True) -> Iterator[Connection]:
+        """:meth:`write` on a Core connection (no ORM session): the fast path of the queue."""
+        if not self._writer.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+            raise DatabaseUnavailable("database is busy")
+        try:
+            with self.engine.connect() as connection:
+                connection.execution_options(mailsrv_write=True, mailsrv_durable=durable)
+                with connection.begin():
+                    if not durable and self.dialect == "postgresql":
+                        connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                    yield connection
+        except UNAVAILABLE as exc:
+            raise DatabaseUnavailable(_describe(exc)) from exc
+        finally:
+            self._writer.release()
+
+    @contextmanager
     def read(self) -> Iterator[Session]:
         """One read-only transaction (DatabaseUnavailable as for :meth:`write`)."""
         try:

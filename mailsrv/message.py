@@ -16,7 +16,9 @@ _BARE_LINE_END = re.compile(rb"\r?\n|\r(?!\n)")
 
 def to_crlf(data: bytes) -> bytes:
     """Every line end (LF, CRLF, lone CR) as CRLF, and a CRLF at the end."""
-    data = _BARE_LINE_END.sub(CRLF, data)
+    crlf = data.count(CRLF)
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:  # else: CRLF already
+        data = _BARE_LINE_END.sub(CRLF, data)
     if data and not data.endswith(CRLF):
         data += CRLF
     return data

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -198,6 +198,80 @@ class Resolution:
     target: str = ""
 
 
+_OURS = select(Domain.name)
+#: due recipients in our domains: queued ones whose time has come, leases that ran out
+DUE_QUEUED = (
+    select(QueueRecipient.id)
+    .where(
+        QueueRecipient.state == "queued",
+        QueueRecipient.next_attempt_at <= bindparam("now"),
+        QueueRecipient.domain.in_(_OURS),
+    )
+    .order_by(QueueRecipient.next_attempt_at, QueueRecipient.id)
+    .limit(bindparam("limit"))
+)
+DUE_EXPIRED = (
+    select(QueueRecipient.id)
+    .where(
+        QueueRecipient.state == "inflight",
+        QueueRecipient.lease_expires_at < bindparam("now"),
+        QueueRecipient.domain.in_(_OURS),
+    )
+    .limit(bindparam("limit"))
+)
+CLAIMED_ROWS = (
+    select(
+        QueueRecipient.id, QueueRecipient.queue_id, QueueRecipient.recipient, QueueRecipient.domain,
+        QueueRecipient.attempts, QueuedMessage.sender, QueuedMessage.size, QueuedMessage.created_at,
+        QueuedMessage.origin,
+    )
+    .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
+    .where(QueueRecipient.id.in_(bindparam("ids", expanding=True)))
+    .order_by(QueueRecipient.id)
+)
+
+
+def _queue_bodies_in(c, queue_ids: Iterable[int]) -> dict[int, bytes]:
+    wanted = list(set(queue_ids))
+    if not wanted:
+        return {}
+    rows = c.execute(select(QueuedMessage.id, QueuedMessage.body).where(QueuedMessage.id.in_(wanted)))
+    return {r[0]: r[1] for r in rows.all()}
+
+
+class Lookup:
+    """Reads the delivery decisions need, on a connection the caller holds."""
+
+    def __init__(self, connection):
+        self.c = connection
+
+    DOMAIN_KIND = select(Domain.kind).where(Domain.name == bindparam("name"))
+    ACCOUNT = select(*ACCOUNT_COLUMNS).where(Account.address == bindparam("address"))
+    ALIAS = select(Alias.target).where(Alias.address == bindparam("address"))
+    USAGE = select(func.count(Message.id), func.coalesce(func.sum(Message.size), 0)).where(
+        Message.account_id == bindparam("account")
+    )
+
+    def resolve(self, address: str) -> Resolution:
+        """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
+        address = address.strip().lower()
+        kind = self.c.scalar(self.DOMAIN_KIND, {"name": address.rpartition("@")[2]})
+        if kind is None:
+            return Resolution("remote")
+        if kind == "odmr":
+            return Resolution("odmr")
+        row = self.c.execute(self.ACCOUNT, {"address": address}).first()
+        if row is not None:
+            return Resolution("account", account=AccountInfo(*row))
+        target = self.c.scalar(self.ALIAS, {"address": address})
+        return Resolution("alias", target=target) if target else Resolution("unknown")
+
+    def mailbox_usage(self, account_id: int) -> tuple[int, int]:
+        """(messages, octets) in the account's mailbox."""
+        row = self.c.execute(self.USAGE, {"account": account_id}).one()
+        return int(row[0]), int(row[1])
+
+
 def lease_is_dead(owner: str | None) -> bool:
     return bool(owner) and holder_is_dead(owner)
 
@@ -207,44 +281,53 @@ class QueueOps:
 
     db: Database
 
+    def has_due(self) -> bool:
+        """Is any recipient in our domains due (a plain read: no write lock)?"""
+        params = {"now": utcnow(), "limit": 1}
+        with self.db.read_core() as c:
+            return any(c.execute(statement, params).first() for statement in (DUE_QUEUED, DUE_EXPIRED))
+
     def claim(self, owner: str, lease: float, limit: int = 100) -> list[Claimed]:
         """Lease up to ``limit`` due recipients in our domains (local and ODMR) to ``owner``:
         ``queued`` ones whose time has come, and ``inflight`` ones whose lease ran out.
         Remote recipients are left for the relay. One transaction; PostgreSQL skips rows
-        another worker has locked."""
-        now = utcnow()
-        ours = select(Domain.name)
-        due = (
-            select(QueueRecipient.id)
-            .where(
-                QueueRecipient.domain.in_(ours),
-                ((QueueRecipient.state == "queued") & (QueueRecipient.next_attempt_at <= now))
-                | ((QueueRecipient.state == "inflight") & (QueueRecipient.lease_expires_at < now)),
-            )
-            .order_by(QueueRecipient.next_attempt_at, QueueRecipient.id)
-            .limit(limit)
+        another worker has locked. For work done outside the database (the relay): settle
+        it with :meth:`settle` while the lease holds."""
+        if not self.has_due():
+            return []
+        with self.db.write_core(durable=False) as c:
+            return self._claim_in(c, owner, lease, limit, utcnow())
+
+    def _claim_in(self, c, owner: str, lease: float, limit: int, now: datetime) -> list[Claimed]:
+        params = {"now": now, "limit": limit}
+        queued, expired = DUE_QUEUED, DUE_EXPIRED
+        if self.db.dialect == "postgresql":
+            queued = queued.with_for_update(skip_locked=True)
+            expired = expired.with_for_update(skip_locked=True)
+        ids = (list(c.scalars(queued, params)) + list(c.scalars(expired, params)))[:limit]
+        if not ids:
+            return []
+        c.execute(
+            update(QueueRecipient)
+            .where(QueueRecipient.id.in_(ids))
+            .values(state="inflight", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
         )
-        with self.db.write(durable=False) as s:
-            if self.db.dialect == "postgresql":
-                due = due.with_for_update(skip_locked=True)
-            ids = list(s.scalars(due))
-            if not ids:
-                return []
-            s.execute(
-                update(QueueRecipient)
-                .where(QueueRecipient.id.in_(ids))
-                .values(state="inflight", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
-            )
-            rows = s.execute(
-                select(QueueRecipient, QueuedMessage.sender, QueuedMessage.size, QueuedMessage.created_at, QueuedMessage.origin)
-                .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
-                .where(QueueRecipient.id.in_(ids))
-                .order_by(QueueRecipient.id)
-            )
-            return [
-                Claimed(r.id, r.queue_id, r.recipient, r.domain, r.attempts, sender, size, created, origin)
-                for r, sender, size, created, origin in rows
-            ]
+        return [Claimed(*row) for row in c.execute(CLAIMED_ROWS, {"ids": ids})]
+
+    def deliver_due(self, owner: str, lease: float, limit: int, decide, local_copy, bounce) -> tuple[int, list[Outcome]]:
+        """Claim due recipients, decide (``decide(claimed, lookup)`` -> outcomes, with
+        ``lookup`` a :class:`Lookup` on the same transaction) and settle them, all in one
+        durable transaction: for destinations decided without network I/O (mailboxes, ODMR
+        hold, bounces). Returns (how many were claimed, the outcomes applied)."""
+        if not self.has_due():
+            return 0, []
+        now = utcnow()
+        with self.db.write_core() as c:
+            claimed = self._claim_in(c, owner, lease, limit, now)
+            if not claimed:
+                return 0, []
+            outcomes = decide(claimed, Lookup(c))
+            return len(claimed), self._settle_in(c, owner, outcomes, local_copy, bounce, now)
 
     def reclaim_dead_leases(self) -> int:
         """Give the leases of dead processes of this host back to the queue at once."""
@@ -260,25 +343,13 @@ class QueueOps:
             return len(dead)
 
     def queue_bodies(self, queue_ids: Iterable[int]) -> dict[int, bytes]:
-        with self.db.read() as s:
-            rows = s.execute(select(QueuedMessage.id, QueuedMessage.body).where(QueuedMessage.id.in_(list(set(queue_ids)))))
-            return {r.id: r.body for r in rows}
+        with self.db.read_core() as c:
+            return _queue_bodies_in(c, queue_ids)
 
     def resolve(self, address: str) -> Resolution:
         """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
-        address = address.strip().lower()
-        domain = address.rpartition("@")[2]
-        with self.db.read() as s:
-            kind = s.scalar(select(Domain.kind).where(Domain.name == domain))
-            if kind is None:
-                return Resolution("remote")
-            if kind == "odmr":
-                return Resolution("odmr")
-            account = s.scalars(select(Account).where(Account.address == address)).first()
-            if account is not None:
-                return Resolution("account", account=_account_info(account))
-            target = s.scalar(select(Alias.target).where(Alias.address == address))
-            return Resolution("alias", target=target) if target else Resolution("unknown")
+        with self.db.read_core() as c:
+            return Lookup(c).resolve(address)
 
     def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy, bounce) -> list[Outcome]:
         """Apply outcomes in one transaction, each only if ``owner`` still holds its lease;
@@ -286,60 +357,55 @@ class QueueOps:
         body)``) in the same transaction that marks the recipient delivered, so it happens
         exactly once. Failures of one message get one bounce (``bounce(claimed, failed,
         body)`` returns its text, or None for no bounce), queued in the same transaction."""
+        with self.db.write_core() as c:
+            return self._settle_in(c, owner, outcomes, local_copy, bounce, utcnow())
+
+    def _settle_in(self, s, owner: str, outcomes: Sequence[Outcome], local_copy, bounce, now: datetime) -> list[Outcome]:
         applied: list[Outcome] = []
-        now = utcnow()
-        bodies = self.queue_bodies(o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail"))
-        with self.db.write() as s:
-            for outcome in outcomes:
-                c = outcome.claimed
-                values: dict = {"updated_at": now, "lease_owner": None, "lease_expires_at": None}
-                if outcome.action == "deliver":
-                    values.update(state="delivered", last_error=None)
-                elif outcome.action == "forward":
-                    values.update(state="delivered", last_error="forwarded to " + ", ".join(outcome.targets))
-                elif outcome.action == "hold":
-                    values.update(state="held")
-                elif outcome.action == "retry":
-                    values.update(
-                        state="queued", attempts=c.attempts + 1, last_error=outcome.error,
-                        next_attempt_at=now + timedelta(seconds=outcome.delay),
-                    )
-                else:
-                    values.update(state="failed", attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}")
-                result = s.execute(
-                    update(QueueRecipient)
-                    .where(QueueRecipient.id == c.id, QueueRecipient.state == "inflight", QueueRecipient.lease_owner == owner)
-                    .values(**values)
+        bodies = _queue_bodies_in(s, (o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")))
+        for outcome in outcomes:
+            c = outcome.claimed
+            values: dict = {"updated_at": now, "lease_owner": None, "lease_expires_at": None}
+            if outcome.action == "deliver":
+                values.update(state="delivered", last_error=None)
+            elif outcome.action == "forward":
+                values.update(state="delivered", last_error="forwarded to " + ", ".join(outcome.targets))
+            elif outcome.action == "hold":
+                values.update(state="held")
+            elif outcome.action == "retry":
+                values.update(
+                    state="queued", attempts=c.attempts + 1, last_error=outcome.error,
+                    next_attempt_at=now + timedelta(seconds=outcome.delay),
                 )
-                if result.rowcount != 1:
-                    continue  # the lease was lost: someone else has it now
-                if outcome.action == "deliver":
-                    Store._insert_message(s, outcome.account_id, local_copy(outcome, bodies[c.queue_id]), c.sender)
-                elif outcome.action == "forward":
-                    s.add_all(
-                        QueueRecipient(
-                            queue_id=c.queue_id, recipient=t, domain=t.rpartition("@")[2], next_attempt_at=now, updated_at=now
-                        )
+            else:
+                values.update(state="failed", attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}")
+            result = s.execute(
+                update(QueueRecipient)
+                .where(QueueRecipient.id == c.id, QueueRecipient.state == "inflight", QueueRecipient.lease_owner == owner)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                continue  # the lease was lost: someone else has it now
+            if outcome.action == "deliver":
+                Store._insert_message(s, outcome.account_id, local_copy(outcome, bodies[c.queue_id]), c.sender)
+            elif outcome.action == "forward":
+                s.execute(
+                    insert(QueueRecipient),
+                    [
+                        {"queue_id": c.queue_id, "recipient": t, "domain": t.rpartition("@")[2],
+                         "state": "queued", "attempts": 0, "next_attempt_at": now, "updated_at": now}
                         for t in outcome.targets
-                    )
-                applied.append(outcome)
-            failed: dict[int, list[Outcome]] = {}
-            for outcome in applied:
-                if outcome.action == "fail":
-                    failed.setdefault(outcome.claimed.queue_id, []).append(outcome)
-            for queue_id, items in failed.items():
-                text = bounce(items[0].claimed, items, bodies[queue_id])
-                if text is not None:
-                    sender = items[0].claimed.sender
-                    queued = QueuedMessage(sender="", body=text, size=len(text), origin="bounce")
-                    s.add(queued)
-                    s.flush()
-                    s.add(
-                        QueueRecipient(
-                            queue_id=queued.id, recipient=sender, domain=sender.rpartition("@")[2],
-                            next_attempt_at=now, updated_at=now,
-                        )
-                    )
+                    ],
+                )
+            applied.append(outcome)
+        failed: dict[int, list[Outcome]] = {}
+        for outcome in applied:
+            if outcome.action == "fail":
+                failed.setdefault(outcome.claimed.queue_id, []).append(outcome)
+        for queue_id, items in failed.items():
+            text = bounce(items[0].claimed, items, bodies[queue_id])
+            if text is not None:
+                self._enqueue_in(s, "", text, [items[0].claimed.sender], "bounce", None, now)
         return applied
 
     # --- administration ----------------------------------------------------------------
@@ -491,23 +557,19 @@ class Store(QueueOps):
     @staticmethod
     def _insert_message(s, account_id: int, body: bytes, sender: str) -> int:
         body = to_crlf(body)  # the stored form: CRLF line ends, ending with CRLF
-        message = Message(
-            account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body,
-            dot_offsets=encode_offsets(dot_line_offsets(body)),
-        )
-        s.add(message)
-        s.flush()
-        return message.id
+        return s.execute(
+            insert(Message)
+            .values(
+                account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body,
+                dot_offsets=encode_offsets(dot_line_offsets(body)), received_at=utcnow(), seen=False,
+            )
+            .returning(Message.id)
+        ).scalar_one()
 
     def mailbox_usage(self, account_id: int) -> tuple[int, int]:
         """(messages, octets) in the account's mailbox."""
-        with self.db.read() as s:
-            row = s.execute(
-                select(func.count(Message.id), func.coalesce(func.sum(Message.size), 0)).where(
-                    Message.account_id == account_id
-                )
-            ).one()
-            return int(row[0]), int(row[1])
+        with self.db.read_core() as c:
+            return Lookup(c).mailbox_usage(account_id)
 
     # --- maildrop locks --------------------------------------------------------------
 
@@ -627,21 +689,28 @@ class Store(QueueOps):
         unique = list(dict.fromkeys(r.strip().lower() for r in recipients))
         if not unique:
             raise Refused("no recipients")
-        rows = [(r, split_address(r)[1]) for r in unique]
-        with self.db.write() as s:
-            queued = QueuedMessage(
-                sender=sender, body=body, size=len(body), origin=origin, account_id=account_id
-            )
-            s.add(queued)
-            s.flush()
-            now = utcnow()
-            s.add_all(
-                QueueRecipient(
-                    queue_id=queued.id, recipient=r, domain=d, next_attempt_at=now, updated_at=now
-                )
+        now = utcnow()
+        with self.db.write_core() as c:
+            return self._enqueue_in(c, sender, body, unique, origin, account_id, now)
+
+    @staticmethod
+    def _enqueue_in(c, sender: str, body: bytes, recipients: Sequence[str], origin: str, account_id, now) -> int:
+        """Insert a queued message and its recipients inside the caller's transaction."""
+        rows = [(r, split_address(r)[1]) for r in recipients]
+        queue_id = c.execute(
+            insert(QueuedMessage)
+            .values(sender=sender, body=body, size=len(body), origin=origin, account_id=account_id, created_at=now)
+            .returning(QueuedMessage.id)
+        ).scalar_one()
+        c.execute(
+            insert(QueueRecipient),
+            [
+                {"queue_id": queue_id, "recipient": r, "domain": d, "state": "queued", "attempts": 0,
+                 "next_attempt_at": now, "updated_at": now}
                 for r, d in rows
-            )
-            return queued.id
+            ],
+        )
+        return queue_id
 
     # --- administration: domains -----------------------------------------------------
 

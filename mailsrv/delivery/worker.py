@@ -48,27 +48,29 @@ class Worker:
         self.owner = lock_holder(name)
 
     def run_once(self) -> int:
-        """Claim and settle one batch; return how many recipients were handled."""
-        claimed = self.store.claim(self.owner, self.config.delivery.lease, BATCH)
-        if not claimed:
-            return 0
-        self.pending: dict[int, int] = {}  # octets this batch will add, per account
-        outcomes = [self.decide(c) for c in claimed]
-        applied = self.store.settle(self.owner, outcomes, self.local_copy, self.bounce)
+        """Claim, decide and settle one batch in one transaction (every destination here
+        is decided without network I/O); return how many recipients were handled."""
+        handled, applied = self.store.deliver_due(
+            self.owner, self.config.delivery.lease, BATCH, self.decide_all, self.local_copy, self.bounce
+        )
         for outcome in applied:
             c = outcome.claimed
             log.info(
                 "queue %d: <%s> %s%s", c.queue_id, c.recipient, outcome.action,
                 f" ({outcome.status or ''} {outcome.error})" if outcome.error else "",
             )
-        return len(claimed)
+        return handled
 
-    def decide(self, c: Claimed) -> Outcome:
+    def decide_all(self, claimed: list[Claimed], lookup) -> list[Outcome]:
+        self.pending: dict[int, int] = {}  # octets this batch will add, per account
+        return [self.decide(c, lookup) for c in claimed]
+
+    def decide(self, c: Claimed, lookup) -> Outcome:
         address = c.recipient
         for _ in range(MAX_ALIAS_HOPS):
-            where = self.store.resolve(address)
+            where = lookup.resolve(address)
             if where.kind == "account":
-                return self.to_mailbox(c, where.account)
+                return self.to_mailbox(c, where.account, lookup)
             if where.kind == "odmr":
                 return Outcome(c, "hold") if address == c.recipient else Outcome(c, "forward", targets=(address,))
             if where.kind == "remote":
@@ -78,13 +80,13 @@ class Worker:
             address = where.target.lower()
         return Outcome(c, "fail", status="5.4.6", error=f"alias loop at {address}")
 
-    def to_mailbox(self, c: Claimed, account) -> Outcome:
+    def to_mailbox(self, c: Claimed, account, lookup) -> Outcome:
         quota = account.quota_bytes
         size = c.size + len(c.sender) + len(c.recipient) + 40  # with the trace fields
         if quota is not None:
             if size > quota:
                 return Outcome(c, "fail", status="5.2.2", error=f"message larger than the mailbox quota of {account.address}")
-            _, used = self.store.mailbox_usage(account.id)
+            _, used = lookup.mailbox_usage(account.id)
             if used + self.pending.get(account.id, 0) + size > quota:
                 delay = self.backoff(c.attempts)
                 expires = c.created_at + timedelta(seconds=self.config.delivery.queue_lifetime)
@@ -119,14 +121,14 @@ class DeliveryPool:
         self.store = store
         self.config = config
         self.workers = [Worker(store, config, f"w{i + 1}") for i in range(config.delivery.workers)]
-        self._wake = threading.Event()
+        self._wake = threading.Semaphore(0)  # one token per wake-up: one worker per message
         self._stop = threading.Event()
         self._progress = threading.Condition()
         self._threads: list[threading.Thread] = []
 
     def wake(self) -> None:
-        """Something was queued: look now."""
-        self._wake.set()
+        """Something was queued: one worker looks now."""
+        self._wake.release()
 
     def wait_until(self, predicate, timeout: float) -> bool:
         """Wait until ``predicate()`` holds, checking after each batch the workers finish
@@ -155,11 +157,11 @@ class DeliveryPool:
             with self._progress:
                 self._progress.notify_all()
             if not handled:
-                self._wake.wait(POLL)
-                self._wake.clear()
+                self._wake.acquire(timeout=POLL)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._wake.set()
+        for _ in self._threads:
+            self._wake.release()
         for thread in self._threads:
             thread.join(timeout)

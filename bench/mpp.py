@@ -1,0 +1,282 @@
+"""Posting: mailsrv (MPP into local mailboxes) and Postfix (SMTP into Maildir) side by side.
+
+    python bench/mpp.py [--messages 1000]
+
+10 KB messages posted by 1 and by 8 concurrent clients, each client on one connection
+sending its messages one after another (MPP: USER, PASS once, then DATA per message;
+SMTP: MAIL, RCPT, DATA per message). Figures, for both servers and their ratio:
+
+- posted/s: messages answered 250, per second of posting;
+- delivered/s: messages in the recipient's mailbox, per second from the first post until
+  the last one is there (the figure that counts: Postfix accepts faster than it delivers);
+- p50/p99 delay from the 250 to the message being readable: for mailsrv the
+  ``messages.received_at`` time written in the transaction that makes it readable over
+  POP3; for Postfix the mtime of its file in ``Maildir/new``.
+
+Postfix (Debian `postfix`) is set up by this script with its own config directory on a
+loopback port, delivering to the Maildir of a local user made for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from datetime import UTC
+from pathlib import Path
+
+from common import MailsrvProcess, percentile, raise_fd_limit, read_until, temp_folder
+
+DOMAIN = "bench.example"
+USER = "mppbench"
+PASSWORD = "bench-password"
+ID = re.compile(rb"X-Bench-Id: (\d+)-(\d+)")
+
+
+def message(client: int, n: int, size: int = 10 * 1024) -> bytes:
+    header = (
+        f"From: {USER}@{DOMAIN}\r\nTo: {USER}@{DOMAIN}\r\nSubject: bench {client}-{n}\r\n"
+        f"X-Bench-Id: {client}-{n}\r\n\r\n"
+    ).encode()
+    line = b"Dear colleagues, the quarterly figures are attached to this message as promised.\r\n"
+    return header + line * ((size - len(header)) // len(line))
+
+
+def run_posters(clients: int, per_client: int, post_one) -> tuple[dict[str, float], float, float]:
+    """Run the posters; return ({bench id: time of its 250}, first post, last 250)."""
+    accepted: dict[str, float] = {}
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def poster(c: int) -> None:
+        session = post_one(c)
+        barrier.wait()
+        for n in range(per_client):
+            session(message(c, n))
+            with lock:
+                accepted[f"{c}-{n}"] = time.time()
+
+    started = time.time()
+    threads = [threading.Thread(target=poster, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return accepted, started, max(accepted.values())
+
+
+def wait_for(count, target: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while count() < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def figures(accepted, started, last_accepted, readable: dict[str, float]) -> dict[str, float]:
+    delays = [readable[k] - accepted[k] for k in accepted if k in readable]
+    return {
+        "posted/s": len(accepted) / (last_accepted - started),
+        "delivered/s": len(readable) / (max(readable.values()) - started),
+        "delay p50 ms": percentile(delays, 50) * 1000,
+        "delay p99 ms": percentile(delays, 99) * 1000,
+        "delivered": len(readable),
+    }
+
+
+# --- mailsrv --------------------------------------------------------------------------
+
+
+class Mailsrv:
+    name = "mailsrv"
+
+    def __init__(self, folder: Path):
+        self.process = MailsrvProcess(folder)  # the shipped defaults: 2 delivery workers
+        from mailsrv import db as dbmod
+        from mailsrv.auth import hash_password
+        from mailsrv.store import Store
+
+        self.db = dbmod.Database(self.process.database)
+        dbmod.upgrade(self.db)
+        self.store = Store(self.db)
+        self.store.add_domain(DOMAIN)
+        self.account = self.store.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
+        self.process.start()
+
+    def session(self, _client: int):
+        sock = socket.create_connection(self.process.addresses["mpp"], timeout=60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = bytearray()
+
+        def ask(data: bytes, expect: bytes) -> None:
+            sock.sendall(data)
+            read_until(sock, b"\r\n", buffer)
+            if not buffer.startswith(expect):
+                raise RuntimeError(bytes(buffer))
+
+        read_until(sock, b"\r\n", buffer)
+        ask(f"USER {USER}@{DOMAIN}\r\n".encode(), b"250")
+        ask(f"PASS {PASSWORD}\r\n".encode(), b"250")
+
+        def post(text: bytes) -> None:
+            ask(b"DATA\r\n", b"354")
+            ask(text + b".\r\n", b"250")
+
+        return post
+
+    def count(self) -> int:
+        return self.store.mailbox_usage(self.account.id)[0]
+
+    def readable(self) -> dict[str, float]:
+        result = {}
+        for mid, _uid, _size, received, _seen, _sender in self.store.mailbox_list(f"{USER}@{DOMAIN}"):
+            body = self.store.read_body(self.account.id, mid)
+            match = ID.search(body)
+            result[f"{match.group(1).decode()}-{match.group(2).decode()}"] = received.replace(tzinfo=UTC).timestamp()
+        return result
+
+    def clear(self) -> None:
+        from sqlalchemy import text
+
+        with self.db.write() as s:
+            s.execute(text("DELETE FROM messages"))
+            s.execute(text("DELETE FROM queue"))
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.db.dispose()
+
+
+# --- Postfix --------------------------------------------------------------------------
+
+
+class Postfix:
+    name = "postfix"
+
+    def __init__(self, folder: Path, port: int):
+        if shutil.which("postfix") is None:
+            raise SystemExit("Postfix is not installed: apt-get install -y postfix")
+        try:
+            entry = pwd.getpwnam(USER)
+        except KeyError:
+            subprocess.run(["useradd", "-m", "-d", f"/home/{USER}", USER], check=True)
+            entry = pwd.getpwnam(USER)
+        self.maildir = Path(entry.pw_dir) / "Maildir"
+        shutil.rmtree(self.maildir, ignore_errors=True)
+        self.conf = folder / "postfix"
+        shutil.copytree("/etc/postfix", self.conf)
+        settings = {
+            "inet_interfaces": "loopback-only",
+            "myhostname": f"mx.{DOMAIN}",
+            "mydestination": DOMAIN,
+            "home_mailbox": "Maildir/",
+            "default_transport": "error",
+            "relayhost": "",
+            "mynetworks": "127.0.0.0/8",
+            "alias_maps": "",
+            "alias_database": "",
+            "smtpd_banner": "$myhostname ESMTP",
+            "compatibility_level": "3.6",
+            "message_size_limit": "26214400",
+        }
+        for key, value in settings.items():
+            subprocess.run(["postconf", "-c", str(self.conf), "-e", f"{key} = {value}"], check=True)
+        subprocess.run(["postconf", "-c", str(self.conf), "-M",
+                        f"127.0.0.1:{port}/inet=127.0.0.1:{port} inet n - n - - smtpd"], check=True)
+        subprocess.run(["postconf", "-c", str(self.conf), "-F", "*/*/chroot = n"], check=True)
+        self.address = ("127.0.0.1", port)
+        subprocess.run(["postfix", "-c", str(self.conf), "start"], check=True, capture_output=True)
+        wait_for(lambda: self._answers(), 1, 30)
+
+    def _answers(self) -> int:
+        try:
+            socket.create_connection(self.address, timeout=1).close()
+            return 1
+        except OSError:
+            return 0
+
+    def session(self, _client: int):
+        smtp = smtplib.SMTP(*self.address, timeout=60)
+        smtp.ehlo("bench.client")
+
+        def post(text: bytes) -> None:
+            smtp.sendmail(f"{USER}@{DOMAIN}", [f"{USER}@{DOMAIN}"], text)
+
+        return post
+
+    def files(self) -> list[Path]:
+        new = self.maildir / "new"
+        return list(new.iterdir()) if new.exists() else []
+
+    def count(self) -> int:
+        return len(self.files())
+
+    def readable(self) -> dict[str, float]:
+        result = {}
+        for path in self.files():
+            match = ID.search(path.read_bytes()[:4096])
+            result[f"{match.group(1).decode()}-{match.group(2).decode()}"] = path.stat().st_mtime
+        return result
+
+    def clear(self) -> None:
+        for path in self.files():
+            path.unlink()
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.conf), "stop"], check=False, capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1000, help="messages per run")
+    parser.add_argument("--only", choices=("mailsrv", "postfix"))
+    args = parser.parse_args()
+    raise_fd_limit()
+    results: dict[str, dict[str, float]] = {}
+    makers = []
+    if args.only != "postfix":
+        makers.append(lambda: Mailsrv(temp_folder("bench-mpp-")))
+    if args.only != "mailsrv":
+        makers.append(lambda: Postfix(temp_folder("bench-postfix-"), free_port()))
+    for make in makers:
+        server = make()
+        try:
+            for clients in (1, 8):
+                server.clear()
+                per_client = args.messages // clients
+                accepted, started, last = run_posters(clients, per_client, server.session)
+                wait_for(server.count, len(accepted))
+                for key, value in figures(accepted, started, last, server.readable()).items():
+                    results.setdefault(server.name, {})[f"{clients} client(s): {key}"] = value
+                print(f"  {server.name}, {clients} client(s): done", flush=True)
+        finally:
+            server.stop()
+    names = list(results)
+    print()
+    header = f"{'figure':34}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) == 2 else "")
+    print(header)
+    print("-" * len(header))
+    for key in results[names[0]]:
+        values = [results[n][key] for n in names]
+        line = f"{key:34}" + "".join(f"{v:12.1f}" for v in values)
+        if len(values) == 2 and values[1]:
+            line += f"{values[0] / values[1]:12.2f}"
+        print(line)
+    print("\nratio = mailsrv / postfix (higher is better for rates, lower for delays)")
+    print("10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, SQLite),")
+    print(f"Postfix with Debian's defaults; {os.cpu_count()} cores.")
+
+
+if __name__ == "__main__":
+    main()
