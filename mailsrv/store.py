@@ -199,9 +199,15 @@ class Resolution:
 
 
 _OURS = select(Domain.name)
-#: due recipients in our domains: queued ones whose time has come, leases that ran out
+_CLAIMED_COLUMNS = (
+    QueueRecipient.id, QueueRecipient.queue_id, QueueRecipient.recipient, QueueRecipient.domain,
+    QueueRecipient.attempts, QueuedMessage.sender, QueuedMessage.size, QueuedMessage.created_at,
+    QueuedMessage.origin,
+)
+#: due recipients in our domains: queued ones whose time has come ...
 DUE_QUEUED = (
-    select(QueueRecipient.id)
+    select(*_CLAIMED_COLUMNS)
+    .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
     .where(
         QueueRecipient.state == "queued",
         QueueRecipient.next_attempt_at <= bindparam("now"),
@@ -210,25 +216,65 @@ DUE_QUEUED = (
     .order_by(QueueRecipient.next_attempt_at, QueueRecipient.id)
     .limit(bindparam("limit"))
 )
+#: ... and leases that ran out (a worker that died or hung)
 DUE_EXPIRED = (
-    select(QueueRecipient.id)
+    select(*_CLAIMED_COLUMNS)
+    .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
     .where(
         QueueRecipient.state == "inflight",
         QueueRecipient.lease_expires_at < bindparam("now"),
         QueueRecipient.domain.in_(_OURS),
     )
+    .order_by(QueueRecipient.id)
     .limit(bindparam("limit"))
 )
 CLAIMED_ROWS = (
-    select(
-        QueueRecipient.id, QueueRecipient.queue_id, QueueRecipient.recipient, QueueRecipient.domain,
-        QueueRecipient.attempts, QueuedMessage.sender, QueuedMessage.size, QueuedMessage.created_at,
-        QueuedMessage.origin,
-    )
+    select(*_CLAIMED_COLUMNS)
     .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
     .where(QueueRecipient.id.in_(bindparam("ids", expanding=True)))
     .order_by(QueueRecipient.id)
 )
+
+
+def _due_in(c, limit: int, now: datetime, expired: bool, lock: bool = False) -> list[Claimed]:
+    """Due recipients: queued ones, and (when ``expired``) those whose lease ran out."""
+    params = {"now": now, "limit": limit}
+    statements = (DUE_QUEUED, DUE_EXPIRED) if expired else (DUE_QUEUED,)
+    rows: list[Claimed] = []
+    for statement in statements:
+        if lock:  # PostgreSQL: skip rows another worker has locked
+            statement = statement.with_for_update(of=QueueRecipient, skip_locked=True)
+        rows += [Claimed(*row) for row in c.execute(statement, params)]
+    return rows[:limit]
+
+
+_SETTLE_VALUES = {
+    column: bindparam(column)
+    for column in ("state", "attempts", "last_error", "next_attempt_at", "lease_owner", "lease_expires_at", "updated_at")
+}
+#: a recipient settled by the worker that holds its lease
+SETTLE_LEASED = (
+    update(QueueRecipient)
+    .where(
+        QueueRecipient.id == bindparam("rid"),
+        QueueRecipient.state == "inflight",
+        QueueRecipient.lease_owner == bindparam("owner"),
+    )
+    .values(**_SETTLE_VALUES)
+)
+#: a recipient settled while it is still due (the update is the claim)
+SETTLE_DUE = (
+    update(QueueRecipient)
+    .where(
+        QueueRecipient.id == bindparam("rid"),
+        (QueueRecipient.state == "queued")
+        | ((QueueRecipient.state == "inflight") & (QueueRecipient.lease_expires_at < bindparam("now"))),
+    )
+    .values(**_SETTLE_VALUES)
+)
+INSERT_MESSAGE = insert(Message).returning(Message.id)
+INSERT_QUEUED = insert(QueuedMessage).returning(QueuedMessage.id)
+INSERT_RECIPIENT = insert(QueueRecipient)
 
 
 def _queue_bodies_in(c, queue_ids: Iterable[int]) -> dict[int, bytes]:
@@ -283,9 +329,8 @@ class QueueOps:
 
     def has_due(self) -> bool:
         """Is any recipient in our domains due (a plain read: no write lock)?"""
-        params = {"now": utcnow(), "limit": 1}
         with self.db.read_core() as c:
-            return any(c.execute(statement, params).first() for statement in (DUE_QUEUED, DUE_EXPIRED))
+            return bool(_due_in(c, 1, utcnow(), expired=True))
 
     def claim(self, owner: str, lease: float, limit: int = 100) -> list[Claimed]:
         """Lease up to ``limit`` due recipients in our domains (local and ODMR) to ``owner``:
@@ -295,39 +340,36 @@ class QueueOps:
         it with :meth:`settle` while the lease holds."""
         if not self.has_due():
             return []
-        with self.db.write_core(durable=False) as c:
-            return self._claim_in(c, owner, lease, limit, utcnow())
-
-    def _claim_in(self, c, owner: str, lease: float, limit: int, now: datetime) -> list[Claimed]:
-        params = {"now": now, "limit": limit}
-        queued, expired = DUE_QUEUED, DUE_EXPIRED
-        if self.db.dialect == "postgresql":
-            queued = queued.with_for_update(skip_locked=True)
-            expired = expired.with_for_update(skip_locked=True)
-        ids = (list(c.scalars(queued, params)) + list(c.scalars(expired, params)))[:limit]
-        if not ids:
-            return []
-        c.execute(
-            update(QueueRecipient)
-            .where(QueueRecipient.id.in_(ids))
-            .values(state="inflight", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
-        )
-        return [Claimed(*row) for row in c.execute(CLAIMED_ROWS, {"ids": ids})]
-
-    def deliver_due(self, owner: str, lease: float, limit: int, decide, local_copy, bounce) -> tuple[int, list[Outcome]]:
-        """Claim due recipients, decide (``decide(claimed, lookup)`` -> outcomes, with
-        ``lookup`` a :class:`Lookup` on the same transaction) and settle them, all in one
-        durable transaction: for destinations decided without network I/O (mailboxes, ODMR
-        hold, bounces). Returns (how many were claimed, the outcomes applied)."""
-        if not self.has_due():
-            return 0, []
         now = utcnow()
-        with self.db.write_core() as c:
-            claimed = self._claim_in(c, owner, lease, limit, now)
-            if not claimed:
+        with self.db.write_core(durable=False) as c:
+            due = _due_in(c, limit, now, expired=True, lock=self.db.dialect == "postgresql")
+            if not due:
+                return []
+            c.execute(
+                update(QueueRecipient)
+                .where(QueueRecipient.id.in_([d.id for d in due]))
+                .values(state="inflight", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
+            )
+            return due
+
+    def deliver_due(
+        self, limit: int, decide, local_copy, bounce, expired: bool = True
+    ) -> tuple[int, list[Outcome]]:
+        """Deliver due recipients whose destination is decided without network I/O
+        (mailboxes, ODMR hold, bounces): read them and decide (``decide(claimed, lookup)``
+        -> outcomes, ``lookup`` a :class:`Lookup`) without holding the write lock, then
+        apply the outcomes in one durable transaction, each only if its recipient is still
+        due (the update of its row is the claim, so a recipient another worker got first is
+        skipped and each is delivered exactly once). ``expired``: also take recipients
+        whose lease ran out. Returns (how many were read, the outcomes applied)."""
+        with self.db.read_core() as c:
+            due = _due_in(c, limit, utcnow(), expired)
+            if not due:
                 return 0, []
-            outcomes = decide(claimed, Lookup(c))
-            return len(claimed), self._settle_in(c, owner, outcomes, local_copy, bounce, now)
+            outcomes = decide(due, Lookup(c))
+            bodies = _queue_bodies_in(c, (o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")))
+        with self.db.write_core() as c:
+            return len(due), self._settle_in(c, None, outcomes, local_copy, bounce, utcnow(), bodies)
 
     def reclaim_dead_leases(self) -> int:
         """Give the leases of dead processes of this host back to the queue at once."""
@@ -360,18 +402,29 @@ class QueueOps:
         with self.db.write_core() as c:
             return self._settle_in(c, owner, outcomes, local_copy, bounce, utcnow())
 
-    def _settle_in(self, s, owner: str, outcomes: Sequence[Outcome], local_copy, bounce, now: datetime) -> list[Outcome]:
+    def _settle_in(
+        self, s, owner: str | None, outcomes: Sequence[Outcome], local_copy, bounce, now: datetime,
+        bodies: dict[int, bytes] | None = None,
+    ) -> list[Outcome]:
+        """Apply outcomes: with an ``owner``, each only while that owner's lease holds;
+        without, each only while its recipient is still due (see :meth:`deliver_due`)."""
         applied: list[Outcome] = []
-        bodies = _queue_bodies_in(s, (o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")))
+        if bodies is None:
+            bodies = _queue_bodies_in(s, (o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")))
+        statement = SETTLE_DUE if owner is None else SETTLE_LEASED
         for outcome in outcomes:
             c = outcome.claimed
-            values: dict = {"updated_at": now, "lease_owner": None, "lease_expires_at": None}
-            if outcome.action == "deliver":
-                values.update(state="delivered", last_error=None)
-            elif outcome.action == "forward":
-                values.update(state="delivered", last_error="forwarded to " + ", ".join(outcome.targets))
+            values = {
+                "rid": c.id, "owner": owner, "now": now, "state": outcome.action, "attempts": c.attempts,
+                "last_error": None, "next_attempt_at": now, "lease_owner": None, "lease_expires_at": None,
+                "updated_at": now,
+            }
+            if outcome.action in ("deliver", "forward"):
+                values["state"] = "delivered"
+                if outcome.action == "forward":
+                    values["last_error"] = "forwarded to " + ", ".join(outcome.targets)
             elif outcome.action == "hold":
-                values.update(state="held")
+                values["state"] = "held"
             elif outcome.action == "retry":
                 values.update(
                     state="queued", attempts=c.attempts + 1, last_error=outcome.error,
@@ -379,18 +432,13 @@ class QueueOps:
                 )
             else:
                 values.update(state="failed", attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}")
-            result = s.execute(
-                update(QueueRecipient)
-                .where(QueueRecipient.id == c.id, QueueRecipient.state == "inflight", QueueRecipient.lease_owner == owner)
-                .values(**values)
-            )
-            if result.rowcount != 1:
-                continue  # the lease was lost: someone else has it now
+            if s.execute(statement, values).rowcount != 1:
+                continue  # someone else has it now (or had it first)
             if outcome.action == "deliver":
                 Store._insert_message(s, outcome.account_id, local_copy(outcome, bodies[c.queue_id]), c.sender)
             elif outcome.action == "forward":
                 s.execute(
-                    insert(QueueRecipient),
+                    INSERT_RECIPIENT,
                     [
                         {"queue_id": c.queue_id, "recipient": t, "domain": t.rpartition("@")[2],
                          "state": "queued", "attempts": 0, "next_attempt_at": now, "updated_at": now}
@@ -558,12 +606,11 @@ class Store(QueueOps):
     def _insert_message(s, account_id: int, body: bytes, sender: str) -> int:
         body = to_crlf(body)  # the stored form: CRLF line ends, ending with CRLF
         return s.execute(
-            insert(Message)
-            .values(
-                account_id=account_id, uid=new_uid(), sender=sender, size=len(body), body=body,
-                dot_offsets=encode_offsets(dot_line_offsets(body)), received_at=utcnow(), seen=False,
-            )
-            .returning(Message.id)
+            INSERT_MESSAGE,
+            {
+                "account_id": account_id, "uid": new_uid(), "sender": sender, "size": len(body), "body": body,
+                "dot_offsets": encode_offsets(dot_line_offsets(body)), "received_at": utcnow(), "seen": False,
+            },
         ).scalar_one()
 
     def mailbox_usage(self, account_id: int) -> tuple[int, int]:
@@ -698,12 +745,11 @@ class Store(QueueOps):
         """Insert a queued message and its recipients inside the caller's transaction."""
         rows = [(r, split_address(r)[1]) for r in recipients]
         queue_id = c.execute(
-            insert(QueuedMessage)
-            .values(sender=sender, body=body, size=len(body), origin=origin, account_id=account_id, created_at=now)
-            .returning(QueuedMessage.id)
+            INSERT_QUEUED,
+            {"sender": sender, "body": body, "size": len(body), "origin": origin, "account_id": account_id, "created_at": now},
         ).scalar_one()
         c.execute(
-            insert(QueueRecipient),
+            INSERT_RECIPIENT,
             [
                 {"queue_id": queue_id, "recipient": r, "domain": d, "state": "queued", "attempts": 0,
                  "next_attempt_at": now, "updated_at": now}

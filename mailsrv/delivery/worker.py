@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from ..config import Config
@@ -46,13 +47,21 @@ class Worker:
         self.store = store
         self.config = config
         self.owner = lock_holder(name)
+        self.expired_checked = 0.0
 
     def run_once(self) -> int:
-        """Claim, decide and settle one batch in one transaction (every destination here
-        is decided without network I/O); return how many recipients were handled."""
-        handled, applied = self.store.deliver_due(
-            self.owner, self.config.delivery.lease, BATCH, self.decide_all, self.local_copy, self.bounce
-        )
+        """Deliver one batch (every destination here is decided without network I/O, so
+        no lease is needed: see Store.deliver_due); return how many were handled.
+        Recipients whose lease ran out are looked for when nothing else is due, and at
+        least every POLL seconds."""
+        now = time.monotonic()
+        expired = now - self.expired_checked > POLL
+        if expired:
+            self.expired_checked = now
+        handled, applied = self.store.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, expired)
+        if not handled and not expired:
+            self.expired_checked = now
+            handled, applied = self.store.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, True)
         for outcome in applied:
             c = outcome.claimed
             log.info(
