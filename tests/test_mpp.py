@@ -297,3 +297,52 @@ def test_store_sees_posted_sender(database, mpp):
     c = mpp(login=True)
     post(c, ["To: bob@example.org", "", "x"])
     assert Store(database).queue_show(queued(database)[0][0])[1] == ANN
+
+
+def read_text_of(chunks: list[bytes], max_size: int = 1 << 20):
+    """Run MppHandler.read_text over input that arrives in the given chunks: (result, the
+    input left unread)."""
+    import io
+    import types
+
+    from mailsrv.protocols.mpp import MppHandler
+
+    class Chunked(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            if not chunks:
+                return 0
+            chunk = chunks.pop(0)
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    handler = MppHandler.__new__(MppHandler)
+    handler.config = types.SimpleNamespace(mpp=types.SimpleNamespace(max_message_size=max_size))
+    handler.rfile = io.BufferedReader(Chunked(), 8192)
+    result = handler.read_text()
+    return result, handler.rfile.read()
+
+
+@pytest.mark.parametrize("terminator", [b"\r\n.\r\n", b"\n.\n"])
+def test_text_end_found_across_every_chunk_boundary(terminator):
+    """The lone "." is found wherever the input is split, nothing after it is taken, and
+    stuffed dots are removed."""
+    text = b"To: bob@example.org\r\n\r\n..stuffed\r\nplain" + terminator + b"QUIT\r\n"
+    for cut in range(1, len(text)):
+        (body, too_large, nul), rest = read_text_of([text[:cut], text[cut:]])
+        assert body == b"To: bob@example.org\r\n\r\n.stuffed\r\nplain\r\n", cut
+        assert rest == b"QUIT\r\n" and not too_large and not nul
+
+
+def test_empty_text_and_size_limit_and_nul():
+    assert read_text_of([b".\r\nNOOP\r\n"]) == ((b"", False, False), b"NOOP\r\n")
+    (body, too_large, _), rest = read_text_of([b"x" * 5000 + b"\r\n", b"y" * 5000 + b"\r\n.\r\n", b"NOOP\r\n"], max_size=4096)
+    assert too_large and body == b"" and rest == b"NOOP\r\n"
+    assert read_text_of([b"a\0b\r\n.\r\n"])[0][2] is True
+
+
+def test_client_leaving_mid_text_raises():
+    with pytest.raises(ConnectionAbortedError):
+        read_text_of([b"To: bob@example.org\r\n\r\nhalf"])

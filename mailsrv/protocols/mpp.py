@@ -155,35 +155,45 @@ class MppHandler(LineHandler):
     def read_text(self) -> tuple[bytes, bool, bool]:
         """Read up to the lone ".": (text with CRLF line ends, too large, contains NUL).
 
-        Past the size limit the rest is read and dropped. The end of input before the "."
-        raises ConnectionAbortedError: nothing is queued.
+        The input is looked at where it lies in the read buffer (``peek``) and taken up to
+        the end of the "." line exactly, so a command pipelined after it stays for the
+        command reader. Past the size limit the rest is read and dropped. The end of input
+        before the "." raises ConnectionAbortedError: nothing is queued.
         """
         limit = self.config.mpp.max_message_size
-        parts: list[bytes] = []
+        kept = bytearray()
         size = 0
-        too_large = has_nul = False
-        at_line_start = True
+        tail = b"\n"  # the text starts at a line start
         while True:
-            piece = self.rfile.readline(TEXT_CHUNK)
-            if not piece:
+            chunk = self.rfile.peek(TEXT_CHUNK)
+            if not chunk:
                 raise ConnectionAbortedError("client left during the message text")
-            complete = piece.endswith(b"\n")
-            if at_line_start:
-                if piece in (b".\r\n", b".\n"):
-                    break
-                piece = msg.dot_unstuff_line(piece)
-            if complete:
-                piece = piece[:-2] + b"\r\n" if piece.endswith(b"\r\n") else piece[:-1] + b"\r\n"
-            at_line_start = complete
+            window = tail + chunk
+            ends = [i for i in (window.find(b"\n.\r\n"), window.find(b"\n.\n")) if i >= 0]
+            if ends:
+                at = min(ends) - len(tail) + 1  # where the "." line starts in chunk
+                line_end = chunk.index(b"\n", max(at, 0)) + 1
+                piece = self.rfile.read(line_end)[: max(at, 0)]
+            else:
+                piece = self.rfile.read(len(chunk))
+            if ends and at < 0:  # the "." line began in the piece taken before: untake it
+                del kept[at:]
+                size += at
             size += len(piece)
             if size > limit:
-                too_large = True
-                parts.clear()
-                continue
-            if not too_large:
-                has_nul = has_nul or b"\0" in piece
-                parts.append(piece)
-        return b"".join(parts), too_large, has_nul
+                kept.clear()
+            else:
+                kept += piece
+            if ends:
+                break
+            tail = (tail + piece)[-4:]
+        if size > limit:
+            return b"", True, False
+        raw = bytes(kept)
+        if raw.startswith(b"."):
+            raw = raw[1:]
+        text = msg.to_crlf(raw.replace(b"\n.", b"\n"))
+        return text, False, b"\0" in text
 
     def prepare(self, text: bytes) -> tuple[bytes, list[str]]:
         """The copy to queue (fields added and Bcc removed) and its recipients."""
