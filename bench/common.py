@@ -144,6 +144,49 @@ class MailsrvProcess:
             self.proc.kill()
 
 
+class MailsrvWithStore:
+    """A `mailsrv serve` process plus this process's own Store on its database, with one
+    local domain, for benchmarks that set up users and mail directly."""
+
+    name = "mailsrv"
+
+    def __init__(self, folder: Path, domain: str, **sections: dict[str, str]):
+        from mailsrv import db as dbmod
+        from mailsrv.store import Store
+
+        self.process = MailsrvProcess(folder, **sections)
+        self.db = dbmod.Database(self.process.database)
+        dbmod.upgrade(self.db)
+        self.store = Store(self.db)
+        self.store.add_domain(domain)
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.db.dispose()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on just now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def print_side_by_side(results: dict[str, dict[str, float]], width: int, decimals: int) -> None:
+    """One line per figure, one column per server, and mailsrv/peer when there are two."""
+    names = list(results)
+    print()
+    header = f"{'figure':{width}}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) == 2 else "")
+    print(header)
+    print("-" * len(header))
+    for key in results[names[0]]:
+        values = [results[n][key] for n in names]
+        line = f"{key:{width}}" + "".join(f"{v:12.{decimals}f}" for v in values)
+        if len(values) == 2 and values[1]:
+            line += f"{values[0] / values[1]:12.2f}"
+        print(line)
+
+
 def temp_folder(prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     folder.chmod(0o755)

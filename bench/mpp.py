@@ -32,7 +32,15 @@ import time
 from datetime import UTC
 from pathlib import Path
 
-from common import MailsrvProcess, percentile, raise_fd_limit, read_until, temp_folder
+from common import (
+    MailsrvWithStore,
+    free_port,
+    percentile,
+    print_side_by_side,
+    raise_fd_limit,
+    read_until,
+    temp_folder,
+)
 
 DOMAIN = "bench.example"
 USER = "mppbench"
@@ -92,19 +100,11 @@ def figures(accepted, started, last_accepted, readable: dict[str, float]) -> dic
 # --- mailsrv --------------------------------------------------------------------------
 
 
-class Mailsrv:
-    name = "mailsrv"
-
+class Mailsrv(MailsrvWithStore):
     def __init__(self, folder: Path):
-        self.process = MailsrvProcess(folder)  # the shipped defaults: 2 delivery workers
-        from mailsrv import db as dbmod
         from mailsrv.auth import hash_password
-        from mailsrv.store import Store
 
-        self.db = dbmod.Database(self.process.database)
-        dbmod.upgrade(self.db)
-        self.store = Store(self.db)
-        self.store.add_domain(DOMAIN)
+        super().__init__(folder, DOMAIN)  # the shipped defaults: 2 delivery workers
         self.account = self.store.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
         self.process.start()
 
@@ -146,10 +146,6 @@ class Mailsrv:
         with self.db.write() as s:
             s.execute(text("DELETE FROM messages"))
             s.execute(text("DELETE FROM queue"))
-
-    def stop(self) -> None:
-        self.process.stop()
-        self.db.dispose()
 
 
 # --- Postfix --------------------------------------------------------------------------
@@ -231,12 +227,6 @@ class Postfix:
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], check=False, capture_output=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1000, help="messages per run")
@@ -262,17 +252,7 @@ def main() -> None:
                 print(f"  {server.name}, {clients} client(s): done", flush=True)
         finally:
             server.stop()
-    names = list(results)
-    print()
-    header = f"{'figure':34}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) == 2 else "")
-    print(header)
-    print("-" * len(header))
-    for key in results[names[0]]:
-        values = [results[n][key] for n in names]
-        line = f"{key:34}" + "".join(f"{v:12.1f}" for v in values)
-        if len(values) == 2 and values[1]:
-            line += f"{values[0] / values[1]:12.2f}"
-        print(line)
+    print_side_by_side(results, 34, 1)
     print("\nratio = mailsrv / postfix (higher is better for rates, lower for delays)")
     print("10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, SQLite),")
     print(f"Postfix with Debian's defaults; {os.cpu_count()} cores.")

@@ -29,9 +29,11 @@ from pathlib import Path
 
 import bcrypt
 from common import (
-    MailsrvProcess,
+    MailsrvWithStore,
+    free_port,
     now,
     percentile,
+    print_side_by_side,
     pss_tree_mb,
     raise_fd_limit,
     read_until,
@@ -68,18 +70,9 @@ def make_message(index: int, size: int) -> bytes:
 # --- the two servers ------------------------------------------------------------------
 
 
-class Mailsrv:
-    name = "mailsrv"
-
+class Mailsrv(MailsrvWithStore):
     def __init__(self, folder: Path):
-        self.process = MailsrvProcess(folder, delivery={"workers": "0"})
-        from mailsrv import db as dbmod
-        from mailsrv.store import Store
-
-        self.db = dbmod.Database(self.process.database)
-        dbmod.upgrade(self.db)
-        self.store = Store(self.db)
-        self.store.add_domain(DOMAIN)
+        super().__init__(folder, DOMAIN, delivery={"workers": "0"})
 
     def add_users(self, names: list[str], cost: int) -> None:
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
@@ -110,10 +103,6 @@ class Mailsrv:
         anonymous, mapped = rss_parts_mb(self.process.proc.pid)
         print(f"  mailsrv resident: {anonymous:.1f} MiB anonymous + {mapped:.1f} MiB file-backed", flush=True)
         return rss_mb(self.process.proc.pid)
-
-    def stop(self) -> None:
-        self.process.stop()
-        self.db.dispose()
 
 
 class Dovecot:
@@ -356,12 +345,6 @@ def populate(server, idle: int) -> None:
     server.add_messages("big", [make_message(i, 1024) for i in range(10_000)])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
@@ -397,18 +380,7 @@ def main() -> None:
             print(f"  {server.name}: idle sessions done", flush=True)
         finally:
             server.stop()
-    names = list(results)
-    keys = list(results[names[0]])
-    print()
-    header = f"{'figure':48}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) == 2 else "")
-    print(header)
-    print("-" * len(header))
-    for key in keys:
-        values = [results[n][key] for n in names]
-        line = f"{key:48}" + "".join(f"{v:12.2f}" for v in values)
-        if len(values) == 2 and values[1]:
-            line += f"{values[0] / values[1]:12.2f}"
-        print(line)
+    print_side_by_side(results, 48, 2)
     print("\nratio = mailsrv / dovecot (higher is better for rates, lower for times, memory, latency)")
 
 

@@ -82,33 +82,29 @@ class Database:
         the next one at once, rather than on SQLite's busy handler, which sleeps.
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         """
-        if not self._writer.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
-            raise DatabaseUnavailable("database is busy")
-        try:
-            with self._sessions() as session, session.begin():
-                session.connection(
-                    execution_options={"mailsrv_write": True, "mailsrv_durable": durable}
-                )
-                if not durable and self.dialect == "postgresql":
-                    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-                yield session
-        except UNAVAILABLE as exc:
-            raise DatabaseUnavailable(_describe(exc)) from exc
-        finally:
-            self._writer.release()
+        with self._writer_turn(), self._sessions() as session, session.begin():
+            session.connection(execution_options={"mailsrv_write": True, "mailsrv_durable": durable})
+            if not durable and self.dialect == "postgresql":
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            yield session
 
     @contextmanager
     def write_core(self, durable: bool = True) -> Iterator[Connection]:
         """:meth:`write` on a Core connection (no ORM session): the fast path of the queue."""
+        with self._writer_turn(), self.engine.connect() as connection:
+            connection.execution_options(mailsrv_write=True, mailsrv_durable=durable)
+            with connection.begin():
+                if not durable and self.dialect == "postgresql":
+                    connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                yield connection
+
+    @contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """This process's turn to write (SQLite), with database errors made DatabaseUnavailable."""
         if not self._writer.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
             raise DatabaseUnavailable("database is busy")
         try:
-            with self.engine.connect() as connection:
-                connection.execution_options(mailsrv_write=True, mailsrv_durable=durable)
-                with connection.begin():
-                    if not durable and self.dialect == "postgresql":
-                        connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
-                    yield connection
+            yield
         except UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
         finally:

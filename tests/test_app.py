@@ -66,6 +66,15 @@ class Served:
         return status
 
 
+def pop3_login(address) -> LineClient:
+    """A POP3 session logged in as ann (the lock is free), or an AssertionError."""
+    c = LineClient(address)
+    c.line()
+    c.ask("USER ann@example.org")
+    assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
+    return c
+
+
 @pytest.fixture
 def served(tmp_path):
     conf = shipped_config_on_ephemeral_ports(tmp_path)
@@ -94,10 +103,7 @@ def test_signal_stops_cleanly_with_sessions_open(served, signum, tmp_path):
     idle = [LineClient(served.addresses["pop3"]) for _ in range(5)]
     for c in idle:
         assert c.line().startswith("+OK")
-    busy = LineClient(served.addresses["pop3"])
-    busy.line()
-    busy.ask("USER ann@example.org")
-    assert busy.ask(f"PASS {PASSWORD}").startswith("+OK")
+    busy = pop3_login(served.addresses["pop3"])
     assert served.stop(signum) == 0
     for c in [*idle, busy]:
         assert c.closed()
@@ -107,31 +113,20 @@ def test_signal_stops_cleanly_with_sessions_open(served, signum, tmp_path):
     # a restart finds the mailbox free at once
     again = Served(tmp_path / "mailsrv.conf")
     try:
-        c = LineClient(again.addresses["pop3"])
-        c.line()
-        c.ask("USER ann@example.org")
-        assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
-        c.close()
+        pop3_login(again.addresses["pop3"]).close()
     finally:
         assert again.stop(signal.SIGTERM) == 0
 
 
 def test_sigkill_leaves_a_lock_that_the_restart_takes_back(served, tmp_path):
-    c = LineClient(served.addresses["pop3"])
-    c.line()
-    c.ask("USER ann@example.org")
-    assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
+    c = pop3_login(served.addresses["pop3"])
     served.proc.kill()
     served.proc.wait()
     c.close()
     again = Served(tmp_path / "mailsrv.conf")
     try:
         assert any("released 1 maildrop lock" in line for line in again.log)
-        c = LineClient(again.addresses["pop3"])
-        c.line()
-        c.ask("USER ann@example.org")
-        assert c.ask(f"PASS {PASSWORD}").startswith("+OK")
-        c.close()
+        pop3_login(again.addresses["pop3"]).close()
     finally:
         assert again.stop(signal.SIGTERM) == 0
 
