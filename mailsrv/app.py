@@ -20,11 +20,15 @@ import pwd
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import db as dbmod
 from .auth import Authenticator
 from .config import Config
+from .delivery.bounce import build_bounce
+from .delivery.worker import DeliveryPool
+from .message import posting_recipients, split_header
 from .server import ConnectionLimiter, MailServer, ServerContext, make_tls_context
 from .store import Store
 
@@ -135,10 +139,20 @@ class App:
                 return server.address
         raise KeyError(name)
 
+    @staticmethod
+    def load_everything() -> None:
+        """Run the paths that import more on first use (the standard library's email
+        package does) once, so that nothing needs the Python installation after the
+        privileges are gone: it may not be readable by the unprivileged user."""
+        sample = b"To: a@example.org\r\n\r\nx\r\n"
+        posting_recipients(split_header(sample)[0])
+        build_bounce("localhost", "a@example.org", datetime.now(UTC), sample, [("b@example.org", "5.1.1", "x")])
+
     def drop_privileges(self) -> None:
         user = self.config.server.user
         if os.getuid() != 0 or not user:
             return
+        self.load_everything()
         entry = pwd.getpwnam(user)
         path = dbmod.sqlite_path(self.db.url)
         if path:
@@ -169,8 +183,6 @@ class App:
         return self
 
     def start_workers(self) -> None:
-        from .delivery.worker import DeliveryPool
-
         self.delivery = DeliveryPool(self.store, self.config)
         self.context.extras["wake_delivery"] = self.delivery.wake
         self.delivery.start()

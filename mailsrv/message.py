@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from email.utils import getaddresses
 
 CRLF = b"\r\n"
 _BARE_LINE_END = re.compile(rb"\r?\n|\r(?!\n)")
@@ -143,8 +144,6 @@ def header_line(name: str, value: str) -> bytes:
 
 def addresses(fields: list[bytes], names: tuple[str, ...]) -> list[str]:
     """Every address in the named fields, in order ("Name <a@b>" -> "a@b"; groups opened)."""
-    from email.utils import getaddresses
-
     result: list[str] = []
     for value in (field_value(f) for f in fields if field_name(f) in names):
         pairs = getaddresses([value])

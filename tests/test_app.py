@@ -3,6 +3,7 @@ cleanly within 5 s with sessions open, and a restart finds no stale maildrop loc
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -148,3 +149,46 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
 
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_root_binds_then_runs_as_the_configured_user():
+    """Started as root with [server] user = nobody: the ports are bound, the process then
+    runs as nobody, and the SQLite database (given to nobody) still takes writes."""
+    import pwd
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mailsrv-drop-"))
+    folder.chmod(0o755)  # pytest's own folders are closed to nobody
+    try:
+        conf = shipped_config_on_ephemeral_ports(folder)
+        conf.write_text(conf.read_text().replace("\nuser =\n", "\nuser = nobody\n"))
+        assert mailsrv(conf, "domain", "add", "example.org").returncode == 0
+        assert mailsrv(conf, "user", "add", "ann@example.org", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+        server = Served(conf)
+        try:
+            status = Path(f"/proc/{server.proc.pid}/status").read_text()
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert set(uid_line.split()[1:]) == {str(pwd.getpwnam("nobody").pw_uid)}
+            pop3_login(server.addresses["pop3"]).close()  # a login writes the lock row
+            # post to an unknown user: the queue, a worker and the bounce all run as nobody
+            c = LineClient(server.addresses["mpp"])
+            c.line()
+            c.ask("USER ann@example.org")
+            c.ask(f"PASS {PASSWORD}")
+            c.ask("DATA")
+            assert c.ask(b"To: nobody@example.org\r\n\r\nhello\r\n.\r\n").startswith("250")
+            c.close()
+            for line in server.proc.stderr:  # the server says when it has delivered the bounce
+                server.log.append(line)
+                assert "Traceback" not in line, "".join(server.log)
+                if "<ann@example.org> deliver" in line:
+                    break
+            reader = pop3_login(server.addresses["pop3"])
+            assert reader.ask("STAT").startswith("+OK 1 ")
+            reader.close()
+        finally:
+            assert server.stop(signal.SIGTERM) == 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -201,3 +201,44 @@ def test_console_script_is_installed():
         [sys.executable, "-m", "mailsrv.cli", "--version"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "mailsrv 0.1.0" in result.stdout
+
+
+def run_on_terminal(conf: str, args: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run the command with a pseudo-terminal as its controlling terminal, typing each
+    answer when asked; return (exit status, what the terminal showed)."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its terminal
+        os.execv(sys.executable, [sys.executable, "-m", "mailsrv.cli", "-c", conf, *args])
+    shown = b""
+    for answer in answers:
+        while b":" not in shown.rsplit(b"\n", 1)[-1]:
+            shown += os.read(fd, 1024)
+        os.write(fd, answer.encode() + b"\n")
+        shown += b"\n"
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+
+
+def test_password_asked_twice_on_a_terminal(conf, run, db_url):
+    run("domain", "add", "example.org")
+    status, shown = run_on_terminal(conf, ["user", "add", "tty@example.org"], ["typed-secret", "typed-secret"])
+    assert status == 0, shown
+    assert "Password:" in shown and "Again:" in shown and "typed-secret" not in shown  # not echoed
+    from mailsrv.auth import check_password
+
+    ((hashed,),) = rows(db_url, "SELECT password_hash FROM accounts WHERE address = 'tty@example.org'")
+    assert check_password("typed-secret", hashed)
+    status, shown = run_on_terminal(conf, ["user", "add", "typo@example.org"], ["one", "two"])
+    assert status == 1 and "differ" in shown
+    assert rows(db_url, "SELECT count(*) FROM accounts WHERE address = 'typo@example.org'") == [(0,)]

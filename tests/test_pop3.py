@@ -349,3 +349,28 @@ def test_no_apop_timestamp_without_cram(app, client_factory):
     c = client_factory(app.address("pop3"))
     assert "<" not in c.line()
     assert c.ask(f"APOP {ANN} {'0' * 32}").startswith("-ERR")
+
+
+def test_passwords_never_reach_the_log(pop3, caplog, app, client_factory):
+    """Successful and failed logins over POP3 (USER/PASS, AUTH PLAIN) and MPP are logged
+    with the peer and the name, never with the password."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="mailsrv")
+    c = pop3()
+    c.ask(f"USER {ANN}")
+    c.ask("PASS wrong-secret-1")
+    login(c)
+    c.ask("QUIT")
+    c = pop3()
+    c.ask("AUTH PLAIN " + base64.b64encode(f"\0{ANN}\0wrong-secret-2".encode()).decode())
+    m = client_factory(app.address("mpp"))
+    m.line()
+    m.ask(f"USER {ANN}")
+    m.ask("PASS wrong-secret-3")
+    m.ask("QUIT")
+    c.ask("QUIT")
+    text = caplog.text
+    assert "login failed" in text and "logged in" in text and "127.0.0.1" in text
+    for secret in (PASSWORD, "wrong-secret-1", "wrong-secret-2", "wrong-secret-3"):
+        assert secret not in text
