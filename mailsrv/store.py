@@ -563,7 +563,7 @@ class Store(QueueOps):
         if not wanted:
             return {}
         params = {"account": account_id, "low": min(wanted), "high": max(wanted)}
-        if self.db.dialect == "sqlite":
+        if self.db.dialect == "sqlite" and len(wanted) > 1:
             return {k: v for k, v in self._bodies_in_one_row(params).items() if k in wanted}
         with self.db.read_core() as c:
             rows = c.execute(BODIES_BETWEEN, params).all()
