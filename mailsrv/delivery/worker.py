@@ -1,7 +1,7 @@
 """The delivery workers: background threads that work the queue.
 
-``Worker.run_once()`` leases a batch of due recipients in our own domains and settles each
-(see :meth:`mailsrv.store.QueueOps.settle`):
+``Worker.run_once()`` takes a batch of due recipients in our own domains and settles each
+(see :meth:`mailsrv.store.QueueOps.deliver_due`):
 
 - a local account: the message (with ``Return-Path`` and ``Delivered-To`` added) is written
   to the mailbox in the same transaction that marks the recipient delivered, so it is
@@ -13,11 +13,20 @@
   queue lifetime ends: ``failed``, with one RFC 3464 bounce per message to the sender
   (never for the empty sender).
 
-Remote recipients stay ``queued`` for the relay. A lease names its holder
-(``host:pid:worker``); at start the leases of dead processes on this host are taken back at
-once, other hosts' leases when they expire (``[delivery] lease``). Queuing a message wakes
-the workers at once (:meth:`DeliveryPool.wake`); they also look every POLL seconds, for
-retries and for mail queued by other processes.
+Every destination here is decided without network I/O, so a batch is read and decided
+without the write lock and then applied in one durable transaction in which each
+recipient's update is conditional on its still being due: that update is the claim, and
+there is no window in which a crash could leave a recipient half done. (DESIGN.md has
+workers claim with a lease first; for these destinations the lease would only add a
+window, so it is kept for work done outside the database: the relay, which will use
+``Store.claim``/``Store.settle``.) Remote recipients stay ``queued`` for the relay.
+
+A lease names its holder (``host:pid:worker``). At start the leases of dead processes on
+this host are taken back at once; a recipient whose lease ran out (another host's, or a
+hung worker's) is taken again, looked for when nothing else is due and at least every
+POLL seconds. Queuing a message wakes one worker at once (:meth:`DeliveryPool.wake`);
+the workers also look every POLL seconds, for retries and for mail queued by other
+processes.
 """
 
 from __future__ import annotations
