@@ -61,11 +61,6 @@ def dot_stuff_parts(body: bytes, offsets: str | None = None) -> list[bytes | mem
     return parts
 
 
-def dot_unstuff_line(line: bytes) -> bytes:
-    """One received line with its leading stuffing "." removed."""
-    return line[1:] if line.startswith(b".") else line
-
-
 def top(body: bytes, lines: int) -> bytes:
     """The header, the blank line and the first ``lines`` lines of the body (RFC 1939 TOP)."""
     end = body.find(b"\r\n\r\n")

@@ -391,10 +391,6 @@ class QueueOps:
                 row.state, row.lease_owner, row.lease_expires_at = "queued", None, None
             return len(dead)
 
-    def queue_bodies(self, queue_ids: Iterable[int]) -> dict[int, bytes]:
-        with self.db.read_core() as c:
-            return _queue_bodies_in(c, queue_ids)
-
     def resolve(self, address: str) -> Resolution:
         """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
         with self.db.read_core() as c:
@@ -938,10 +934,6 @@ class Store(QueueOps):
     def list_aliases(self) -> list[tuple[str, str]]:
         with self.db.read() as s:
             return [(r.address, r.target) for r in s.execute(select(Alias).order_by(Alias.address)).scalars()]
-
-    def alias_target(self, address: str) -> str | None:
-        with self.db.read() as s:
-            return s.scalar(select(Alias.target).where(Alias.address == address.strip().lower()))
 
     # --- administration: ODMR grants -------------------------------------------------
 
