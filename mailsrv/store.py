@@ -235,12 +235,6 @@ DUE_EXPIRED = (
     .order_by(QueueRecipient.id)
     .limit(bindparam("limit"))
 )
-CLAIMED_ROWS = (
-    select(*_CLAIMED_COLUMNS)
-    .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
-    .where(QueueRecipient.id.in_(bindparam("ids", expanding=True)))
-    .order_by(QueueRecipient.id)
-)
 
 
 def _due_in(c, limit: int, now: datetime, expired: bool, lock: bool = False) -> list[Claimed]:
@@ -282,6 +276,17 @@ SETTLE_DUE = (
 INSERT_MESSAGE = insert(Message).returning(Message.id)
 INSERT_QUEUED = insert(QueuedMessage).returning(QueuedMessage.id)
 INSERT_RECIPIENT = insert(QueueRecipient)
+#: the state a recipient is left in by each outcome's action
+STATE_AFTER = {"deliver": "delivered", "forward": "delivered", "hold": "held", "retry": "queued", "fail": "failed"}
+
+
+def _recipient_rows(queue_id: int, recipients: Sequence[str], now: datetime) -> list[dict]:
+    """New ``queued`` recipients of a queued message, ready for INSERT_RECIPIENT."""
+    return [
+        {"queue_id": queue_id, "recipient": r, "domain": r.rpartition("@")[2], "state": "queued",
+         "attempts": 0, "next_attempt_at": now, "updated_at": now}
+        for r in recipients
+    ]
 
 
 def _queue_bodies_in(c, queue_ids: Iterable[int]) -> dict[int, bytes]:
@@ -391,11 +396,6 @@ class QueueOps:
                 row.state, row.lease_owner, row.lease_expires_at = "queued", None, None
             return len(dead)
 
-    def resolve(self, address: str) -> Resolution:
-        """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
-        with self.db.read_core() as c:
-            return Lookup(c).resolve(address)
-
     def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy, bounce) -> list[Outcome]:
         """Apply outcomes in one transaction, each only if ``owner`` still holds its lease;
         return those applied. A delivery writes the mailbox copy (``local_copy(outcome,
@@ -418,36 +418,25 @@ class QueueOps:
         for outcome in outcomes:
             c = outcome.claimed
             values = {
-                "rid": c.id, "owner": owner, "now": now, "state": outcome.action, "attempts": c.attempts,
-                "last_error": None, "next_attempt_at": now, "lease_owner": None, "lease_expires_at": None,
-                "updated_at": now,
+                "rid": c.id, "owner": owner, "now": now, "state": STATE_AFTER[outcome.action],
+                "attempts": c.attempts, "last_error": None, "next_attempt_at": now, "lease_owner": None,
+                "lease_expires_at": None, "updated_at": now,
             }
-            if outcome.action in ("deliver", "forward"):
-                values["state"] = "delivered"
-                if outcome.action == "forward":
-                    values["last_error"] = "forwarded to " + ", ".join(outcome.targets)
-            elif outcome.action == "hold":
-                values["state"] = "held"
+            if outcome.action == "forward":
+                values["last_error"] = "forwarded to " + ", ".join(outcome.targets)
             elif outcome.action == "retry":
                 values.update(
-                    state="queued", attempts=c.attempts + 1, last_error=outcome.error,
+                    attempts=c.attempts + 1, last_error=outcome.error,
                     next_attempt_at=now + timedelta(seconds=outcome.delay),
                 )
-            else:
-                values.update(state="failed", attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}")
+            elif outcome.action == "fail":
+                values.update(attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}")
             if s.execute(statement, values).rowcount != 1:
                 continue  # someone else has it now (or had it first)
             if outcome.action == "deliver":
                 Store._insert_message(s, outcome.account_id, local_copy(outcome, bodies[c.queue_id]), c.sender)
             elif outcome.action == "forward":
-                s.execute(
-                    INSERT_RECIPIENT,
-                    [
-                        {"queue_id": c.queue_id, "recipient": t, "domain": t.rpartition("@")[2],
-                         "state": "queued", "attempts": 0, "next_attempt_at": now, "updated_at": now}
-                        for t in outcome.targets
-                    ],
-                )
+                s.execute(INSERT_RECIPIENT, _recipient_rows(c.queue_id, outcome.targets, now))
             applied.append(outcome)
         failed: dict[int, list[Outcome]] = {}
         for outcome in applied:
@@ -760,6 +749,8 @@ class Store(QueueOps):
         unique = list(dict.fromkeys(r.strip().lower() for r in recipients))
         if not unique:
             raise Refused("no recipients")
+        for recipient in unique:
+            split_address(recipient)  # Refused for a malformed one, before anything is written
         now = utcnow()
         with self.db.write_core() as c:
             return self._enqueue_in(c, sender, body, unique, origin, account_id, now)
@@ -767,19 +758,11 @@ class Store(QueueOps):
     @staticmethod
     def _enqueue_in(c, sender: str, body: bytes, recipients: Sequence[str], origin: str, account_id, now) -> int:
         """Insert a queued message and its recipients inside the caller's transaction."""
-        rows = [(r, split_address(r)[1]) for r in recipients]
         queue_id = c.execute(
             INSERT_QUEUED,
             {"sender": sender, "body": body, "size": len(body), "origin": origin, "account_id": account_id, "created_at": now},
         ).scalar_one()
-        c.execute(
-            INSERT_RECIPIENT,
-            [
-                {"queue_id": queue_id, "recipient": r, "domain": d, "state": "queued", "attempts": 0,
-                 "next_attempt_at": now, "updated_at": now}
-                for r, d in rows
-            ],
-        )
+        c.execute(INSERT_RECIPIENT, _recipient_rows(queue_id, recipients, now))
         return queue_id
 
     # --- administration: domains -----------------------------------------------------
