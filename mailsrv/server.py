@@ -425,6 +425,10 @@ class LineHandler(socketserver.StreamRequestHandler):
     def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         self.wfile.write(data)
 
+    def send_lines(self, lines: list[str]) -> None:
+        """Send several reply lines (each gets its CRLF) in one write."""
+        self.wfile.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
     def send_parts(self, parts: list[bytes]) -> None:
         """Send several pieces as one write where the socket allows (no joined copy)."""
         if self.tls_active or sum(map(len, parts)) < 65536:

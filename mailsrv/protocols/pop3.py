@@ -43,6 +43,11 @@ _AUTH_COMMANDS = frozenset({"USER", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "RPO
 READ_AHEAD = 1024 * 1024
 
 
+def is_decimal(text: str) -> bool:
+    """An unsigned decimal of at most 10 ASCII digits (no sign, no spaces, no other digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 10
+
+
 class Pop3Handler(LineHandler):
     protocol = "pop3"
     INITIAL_STATE = AUTHORIZATION
@@ -131,7 +136,7 @@ class Pop3Handler(LineHandler):
             if self.context.tls_context is not None and not self.tls_active:
                 lines.append("STLS")
         lines += ["IMPLEMENTATION mailsrv", "."]
-        self.send_bytes(("\r\n".join(lines) + "\r\n").encode())
+        self.send_lines(lines)
 
     def cmd_STLS(self, arg: str) -> None:
         """STLS (RFC 2595 section 4): only before login, only once, only when configured."""
@@ -176,7 +181,7 @@ class Pop3Handler(LineHandler):
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
         if not mechanism:  # the list of mechanisms, as many clients expect
-            self.send_bytes(("\r\n".join(["+OK", *self.mechanisms(), "."]) + "\r\n").encode())
+            self.send_lines(["+OK", *self.mechanisms(), "."])
             return
         if mechanism not in self.mechanisms():
             if mechanism == "PLAIN" and not self.plaintext_ok:
@@ -247,7 +252,7 @@ class Pop3Handler(LineHandler):
     def number(self, text: str) -> tuple[int, MessageInfo]:
         """A message number argument: decimal digits naming a message not marked deleted."""
         text = text.strip()
-        if not text.isdigit() or not text.isascii() or len(text) > 10:
+        if not is_decimal(text):
             raise ProtocolError("-ERR invalid message number")
         n = int(text)
         if not 1 <= n <= len(self.messages):
@@ -268,7 +273,7 @@ class Pop3Handler(LineHandler):
             f"{n} {getattr(m, field)}" for n, m in enumerate(self.messages, 1) if m.id not in self.deleted
         ]
         lines.append(".")
-        self.send_bytes(("\r\n".join(lines) + "\r\n").encode())
+        self.send_lines(lines)
 
     def cmd_STAT(self, arg: str) -> None:
         count, size = self.totals()
@@ -313,7 +318,7 @@ class Pop3Handler(LineHandler):
         if len(parts) != 2:
             raise ProtocolError("-ERR usage: TOP message lines")
         n, message = self.number(parts[0])
-        if not parts[1].isdigit() or not parts[1].isascii() or len(parts[1]) > 10:
+        if not is_decimal(parts[1]):
             raise ProtocolError("-ERR invalid number of lines")
         body, offsets = self.cache[message.id] = self.body(n, message)  # TOP keeps it cached
         head = top(body, int(parts[1]))
