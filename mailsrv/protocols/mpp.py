@@ -204,11 +204,12 @@ class MppHandler(LineHandler):
         for address in recipients:
             if not msg.is_address(address):
                 raise Refusal(f"bad recipient address {address!r}")
-        received = sum(1 for f in fields if msg.field_name(f) == "received")
+        names = [msg.field_name(f) for f in fields]
+        received = names.count("received")
         if received > self.config.smtp.max_received_headers:
             raise Refusal(f"mail loop: {received} Received fields")
         poster = self.account.address
-        kept = [f for f in fields if msg.field_name(f) not in ("bcc", "resent-bcc")]
+        dropped = {"bcc", "resent-bcc"}
         added: list[bytes] = []
         senders = msg.addresses(fields, ("from",))
         if not senders:
@@ -216,9 +217,9 @@ class MppHandler(LineHandler):
         elif [s.lower() for s in senders] != [poster]:
             if self.config.mpp.from_policy == "reject":
                 raise Refusal(f"From: {', '.join(senders)} is not the poster {poster}")
-            kept = [f for f in kept if msg.field_name(f) != "sender"]
+            dropped.add("sender")
             added.append(msg.header_line("Sender", f"<{poster}>"))
-        names = {msg.field_name(f) for f in fields}
+        kept = [f for f, name in zip(fields, names, strict=True) if name not in dropped]
         if "message-id" not in names:
             added.append(msg.header_line("Message-ID", make_msgid(domain=self.context.hostname)))
         if "date" not in names:
