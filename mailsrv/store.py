@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -66,6 +66,21 @@ class MessageInfo:
     uid: str
     size: int
     seen: bool
+
+
+def batches_by_size(messages: Iterable[MessageInfo], limit: int) -> Iterator[list[int]]:
+    """The ids of ``messages`` in order, in batches of at most ``limit`` octets (a message
+    larger than that makes a batch of its own)."""
+    batch: list[int] = []
+    total = 0
+    for message in messages:
+        if batch and total + message.size > limit:
+            yield batch
+            batch, total = [], 0
+        batch.append(message.id)
+        total += message.size
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)

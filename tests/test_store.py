@@ -128,3 +128,11 @@ def test_dead_process_locks_are_released_at_start(store, accounts, db_url):
     assert store.release_dead_locks() == 1
     assert store.acquire_lock(ann, lock_holder("me"), 60)
     assert store.release_dead_locks() == 0  # our own live lock stays
+
+
+def test_batches_by_size_keeps_order_and_the_limit():
+    from mailsrv.store import MessageInfo, batches_by_size
+
+    messages = [MessageInfo(i, f"u{i}", size, False) for i, size in enumerate([4, 4, 4, 20, 1, 1], 1)]
+    assert list(batches_by_size(messages, 8)) == [[1, 2], [3], [4], [5, 6]]
+    assert list(batches_by_size([], 8)) == []

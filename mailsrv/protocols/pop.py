@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from ..message import mbox_entry
 from ..server import LineHandler, ProtocolError
-from ..store import MessageInfo, lock_holder
+from ..store import MessageInfo, batches_by_size, lock_holder
 
 START, USER_GIVEN, READY, OPENED, SENT = "START", "USER", "READY", "OPENED", "SENT"
 #: octets of messages read from the database at once while sending
@@ -118,20 +118,12 @@ class PopHandler(LineHandler):
 
     def entries(self):
         """The mbox entries of the fixed batch, read from the database a batch at a time."""
-        chunk: list[int] = []
-        size = 0
-        for message in [*self.batch, None]:
-            if message is not None and (not chunk or size + message.size <= BATCH):
-                chunk.append(message.id)
-                size += message.size
-                continue
-            found = self.store.read_messages(self.account.id, chunk) if chunk else {}
+        for chunk in batches_by_size(self.batch, BATCH):
+            found = self.store.read_messages(self.account.id, chunk)
             for message_id in chunk:
                 if message_id not in found:
                     raise ProtocolError("-ERR a message vanished from the mailbox")
                 yield mbox_entry(*found[message_id])
-            if message is not None:
-                chunk, size = [message.id], message.size
 
     def cmd_RETR(self, arg: str) -> None:
         """RETR mailbox: read every message without deleting."""

@@ -34,7 +34,7 @@ from typing import ClassVar
 from .. import auth as authmod
 from ..message import dot_stuff_parts, top
 from ..server import LineHandler, ProtocolError
-from ..store import MessageInfo, lock_holder
+from ..store import MessageInfo, batches_by_size, lock_holder
 
 AUTHORIZATION, USER_GIVEN, TRANSACTION = "AUTHORIZATION", "USER", "TRANSACTION"
 _AUTH_COMMANDS = frozenset({"USER", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "RPOP"})
@@ -292,15 +292,8 @@ class Pop3Handler(LineHandler):
         body = self.cache.pop(message.id, None)
         if body is not None:
             return body
-        batch, total = [], 0
-        for m in self.messages[n - 1 :]:
-            if m.id in self.deleted:
-                continue
-            if batch and total + m.size > READ_AHEAD:
-                break
-            batch.append(m.id)
-            total += m.size
-        self.cache = self.store.read_bodies(self.account.id, batch)
+        ahead = (m for m in self.messages[n - 1 :] if m.id not in self.deleted)
+        self.cache = self.store.read_bodies(self.account.id, next(batches_by_size(ahead, READ_AHEAD)))
         body = self.cache.pop(message.id, None)
         if body is None:
             raise ProtocolError(f"-ERR [SYS/TEMP] message {n} cannot be read", bad=False)
