@@ -166,6 +166,8 @@ class Postfix:
         shutil.rmtree(self.maildir, ignore_errors=True)
         self.conf = folder / "postfix"
         shutil.copytree("/etc/postfix", self.conf)
+        if not (self.conf / "main.cf").exists():  # installed with "No configuration"
+            shutil.copy("/usr/share/postfix/main.cf.debian", self.conf / "main.cf")
         settings = {
             "inet_interfaces": "loopback-only",
             "myhostname": f"mx.{DOMAIN}",

@@ -184,7 +184,7 @@ class App:
 
     def start_workers(self) -> None:
         self.delivery = DeliveryPool(self.store, self.config)
-        self.context.extras["wake_delivery"] = self.delivery.wake
+        self.context.delivery = self.delivery
         self.delivery.start()
 
     def stop(self, grace: float = STOP_GRACE) -> bool:

@@ -38,13 +38,16 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from .auth import Authenticator
 from .config import Config
 from .db import DatabaseUnavailable
 from .store import Store
+
+if TYPE_CHECKING:
+    from .delivery.worker import DeliveryPool
 
 #: the stack of a session thread: small so that thousands fit (Python 3.11 does not use
 #: the C stack for Python-to-Python calls, so this is plenty)
@@ -110,11 +113,20 @@ class ServerContext:
     auth: Authenticator
     limiter: ConnectionLimiter
     tls_context: ssl.SSLContext | None = None
-    extras: dict = field(default_factory=dict)  # e.g. the delivery wake-up callback
+    delivery: DeliveryPool | None = None  # the workers, when this process runs them
 
     @property
     def hostname(self) -> str:
         return self.config.server.hostname
+
+    def post(self, sender: str, body: bytes, recipients, origin: str, account_id: int | None = None) -> int:
+        """Queue a message a session accepted; return its queue id. With delivery workers
+        running here, local recipients are delivered in the same transaction and a worker
+        is woken for the rest (:meth:`DeliveryPool.post`); without, it is only queued, for
+        the workers of another process."""
+        if self.delivery is not None:
+            return self.delivery.post(sender, body, recipients, origin, account_id)
+        return self.store.enqueue(sender, body, recipients, origin, account_id)
 
 
 def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:

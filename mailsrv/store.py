@@ -761,23 +761,67 @@ class Store(QueueOps):
 
         Recipients are stored lower case, each once. Nothing is written unless all are.
         """
+        return self.post(sender, body, recipients, origin, account_id)[0]
+
+    def post(
+        self,
+        sender: str,
+        body: bytes,
+        recipients: Sequence[str],
+        origin: str,
+        account_id: int | None = None,
+        decide=None,
+        local_copy=None,
+    ) -> tuple[int, int]:
+        """:meth:`enqueue`, delivering to local mailboxes at once what can be: return the
+        queue id and how many recipients were left ``queued`` for the workers.
+
+        With ``decide`` and ``local_copy`` (as for :meth:`QueueOps.deliver_due`), each
+        recipient that ``decide`` sends to a local mailbox is delivered in the transaction
+        that queues the message: its mailbox copy is written and it is recorded
+        ``delivered``, so the mail is readable once the reply to the poster says it is
+        queued, and no worker has to read it back. The decisions are made inside that
+        transaction, so a quota is checked against what the mailbox holds. Every other
+        outcome (alias, ODMR, remote, unknown, over quota) is left ``queued`` for the
+        workers, which own forwarding, holding, retries and bounces.
+
+        The transaction runs on the driver's cursor (:meth:`Database.write_raw`): this is
+        the path every posted message takes.
+        """
         unique = list(dict.fromkeys(r.strip().lower() for r in recipients))
         if not unique:
             raise Refused("no recipients")
         for recipient in unique:
             split_address(recipient)  # Refused for a malformed one, before anything is written
         now = utcnow()
-        with self.db.write_core() as c:
-            return self._enqueue_in(c, sender, body, unique, origin, account_id, now)
+        with self.db.write_raw() as c:
+            delivered: list[Outcome] = []
+            if decide is not None:
+                claimed = [Claimed(None, None, r, r.rpartition("@")[2], 0, sender, len(body), now, origin) for r in unique]
+                delivered = [o for o in decide(claimed, Lookup(c)) if o.action == "deliver"]
+            queue_id = self._enqueue_in(c, sender, body, unique, origin, account_id, now, delivered)
+            for outcome in delivered:
+                Store._insert_message(c, outcome.account_id, local_copy(outcome, body), sender)
+        return queue_id, len(unique) - len(delivered)
 
     @staticmethod
-    def _enqueue_in(c, sender: str, body: bytes, recipients: Sequence[str], origin: str, account_id, now) -> int:
-        """Insert a queued message and its recipients inside the caller's transaction."""
+    def _enqueue_in(
+        c, sender: str, body: bytes, recipients: Sequence[str], origin: str, account_id, now,
+        delivered: Sequence[Outcome] = (),
+    ) -> int:
+        """Insert a queued message and its recipients inside the caller's transaction;
+        the recipients of ``delivered`` are recorded as delivered."""
         queue_id = c.execute(
             INSERT_QUEUED,
             {"sender": sender, "body": body, "size": len(body), "origin": origin, "account_id": account_id, "created_at": now},
         ).scalar_one()
-        c.execute(INSERT_RECIPIENT, _recipient_rows(queue_id, recipients, now))
+        rows = _recipient_rows(queue_id, recipients, now)
+        if delivered:
+            done = {o.claimed.recipient for o in delivered}
+            for row in rows:
+                if row["recipient"] in done:
+                    row["state"] = "delivered"
+        c.execute(INSERT_RECIPIENT, rows)
         return queue_id
 
     # --- administration: domains -----------------------------------------------------

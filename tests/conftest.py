@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -192,3 +193,35 @@ def deliver(store: Store, address: str, body: bytes, sender: str = "sender@examp
     """Put a message straight into a mailbox (the store's delivery function)."""
     account = store.find_account(address)
     return store.deliver_local(account.id, body, sender=sender)
+
+
+@pytest.fixture
+def short_lock_waits(monkeypatch):
+    monkeypatch.setattr(dbmod, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(dbmod, "POSTGRES_LOCK_TIMEOUT_MS", 300)
+
+
+class DatabaseBlocker:
+    """Holds the database's write lock from outside, as a stuck or failing database would."""
+
+    def __init__(self, db_url: str):
+        self.db_url = db_url
+
+    def __enter__(self):
+        if self.db_url.startswith("sqlite"):
+            self.conn = sqlite3.connect(self.db_url.removeprefix("sqlite:///"), isolation_level=None)
+            self.conn.execute("BEGIN EXCLUSIVE")
+        else:
+            self.engine = create_engine(self.db_url)
+            self.conn = self.engine.connect()
+            self.conn.execute(text("LOCK TABLE queue IN ACCESS EXCLUSIVE MODE"))
+        return self
+
+    def __exit__(self, *exc):
+        if self.db_url.startswith("sqlite"):
+            self.conn.execute("ROLLBACK")
+            self.conn.close()
+        else:
+            self.conn.rollback()
+            self.conn.close()
+            self.engine.dispose()

@@ -14,10 +14,11 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from mailsrv.delivery.worker import Worker
+from mailsrv.db import DatabaseUnavailable
+from mailsrv.delivery.worker import DeliveryPool, Worker
 from mailsrv.store import lock_holder
 
-from .conftest import PASSWORD, make_config
+from .conftest import PASSWORD, DatabaseBlocker, make_config
 from .test_app import Served, mailsrv, shipped_config_on_ephemeral_ports
 
 ANN, BOB = "ann@example.org", "bob@example.org"
@@ -139,6 +140,71 @@ def test_quota(store, database, db_url, tmp_path, accounts):
     drain(short)
     assert tiny_rows()[-1] == ("failed", 2)
     assert len(mailbox(store, ANN)) == 2
+
+
+def posted_pool(store, db_url, tmp_path) -> DeliveryPool:
+    """A pool whose threads are not started: what a session's post does, on its own."""
+    return DeliveryPool(store, make_config(db_url, tmp_path, delivery={"workers": 1}))
+
+
+def woken(pool: DeliveryPool) -> bool:
+    return pool._wake.acquire(blocking=False)
+
+
+def test_post_delivers_local_mailboxes_in_the_queuing_transaction(worker, store, database, db_url, tmp_path):
+    store.add_alias("sales@example.org", BOB)
+    store.add_alias("fwd@example.org", "partner@remote.example")
+    pool = posted_pool(store, db_url, tmp_path)
+    body = b"Subject: at once\r\n\r\nhello\r\n"
+    recipients = [BOB, "sales@example.org", "fwd@example.org", "nobody@example.org", "y@remote.example"]
+    pool.post(ANN, body, recipients, "mpp")
+    # readable as soon as post() returns, before any worker ran: the account and the
+    # alias of an account, each with its own Delivered-To
+    assert mailbox(store, BOB) == [
+        f"Return-Path: <{ANN}>\r\nDelivered-To: {to}\r\n".encode() + body for to in (BOB, "sales@example.org")
+    ]
+    assert states(database) == [
+        (BOB, "delivered"), ("sales@example.org", "delivered"), ("fwd@example.org", "queued"),
+        ("nobody@example.org", "queued"), ("y@remote.example", "queued"),
+    ]
+    assert woken(pool)  # the rest is the workers' job
+    drain(worker)
+    assert states(database) == [
+        (BOB, "delivered"), ("sales@example.org", "delivered"), ("fwd@example.org", "delivered"),
+        ("nobody@example.org", "failed"), ("y@remote.example", "queued"), ("partner@remote.example", "queued"),
+        (ANN, "delivered"),  # the bounce
+    ]
+    assert len(mailbox(store, BOB)) == 2  # never again by a worker
+    assert len(mailbox(store, ANN)) == 1  # the bounce for nobody@, from the worker
+
+    pool.post(ANN, body, [ANN], "mpp")
+    assert not woken(pool)  # all delivered: no worker needed
+    assert drain(worker) == 0
+
+
+def test_post_keeps_the_quota_and_leaves_the_rest_to_the_workers(worker, store, database, db_url, tmp_path):
+    from mailsrv.auth import hash_password
+
+    store.add_account("tiny@example.org", hash_password("pw", 4), quota_bytes=1000)
+    pool = posted_pool(store, db_url, tmp_path)
+    pool.post(ANN, b"x" * 2000 + b"\r\n", ["tiny@example.org"], "mpp")  # can never fit
+    pool.post(ANN, b"y" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # fits
+    pool.post(ANN, b"z" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # box full now
+    assert [s for _, s in states(database)] == ["queued", "delivered", "queued"]
+    drain(worker)
+    assert [s for _, s in states(database) if _ == "tiny@example.org"] == ["failed", "delivered", "queued"]
+    assert len(mailbox(store, "tiny@example.org")) == 1
+
+
+def test_post_with_the_database_locked_writes_nothing(short_lock_waits, store, accounts, database, db_url, tmp_path):
+    pool = posted_pool(store, db_url, tmp_path)
+    with DatabaseBlocker(db_url):
+        with pytest.raises(DatabaseUnavailable):
+            pool.post(ANN, b"x\r\n", [BOB], "mpp")
+    assert states(database) == []
+    assert mailbox(store, BOB) == []
+    pool.post(ANN, b"x\r\n", [BOB], "mpp")  # and the next one goes through
+    assert len(mailbox(store, BOB)) == 1
 
 
 def test_exactly_once_with_four_worker_threads(store, database, db_url, tmp_path, accounts):

@@ -3,15 +3,12 @@ rules (recipients, Bcc, From policy, added fields, limits) and what 250 and 451 
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from mailsrv import db as dbmod
 from mailsrv.store import Store
 
-from .conftest import PASSWORD, transcript
+from .conftest import PASSWORD, DatabaseBlocker, transcript
 
 ANN = "ann@example.org"
 
@@ -228,38 +225,6 @@ def test_disconnect_mid_text_queues_nothing(mpp, database, app):
     d = mpp(login=True)
     assert post(d, ["To: bob@example.org", "", "whole"]).startswith("250")
     assert len(queued(database)) == 1
-
-
-@pytest.fixture
-def short_lock_waits(monkeypatch):
-    monkeypatch.setattr(dbmod, "SQLITE_BUSY_TIMEOUT_MS", 300)
-    monkeypatch.setattr(dbmod, "POSTGRES_LOCK_TIMEOUT_MS", 300)
-
-
-class DatabaseBlocker:
-    """Holds the database's write lock from outside, as a stuck or failing database would."""
-
-    def __init__(self, db_url: str):
-        self.db_url = db_url
-
-    def __enter__(self):
-        if self.db_url.startswith("sqlite"):
-            self.conn = sqlite3.connect(self.db_url.removeprefix("sqlite:///"), isolation_level=None)
-            self.conn.execute("BEGIN EXCLUSIVE")
-        else:
-            self.engine = create_engine(self.db_url)
-            self.conn = self.engine.connect()
-            self.conn.execute(text("LOCK TABLE queue IN ACCESS EXCLUSIVE MODE"))
-        return self
-
-    def __exit__(self, *exc):
-        if self.db_url.startswith("sqlite"):
-            self.conn.execute("ROLLBACK")
-            self.conn.close()
-        else:
-            self.conn.rollback()
-            self.conn.close()
-            self.engine.dispose()
 
 
 def test_database_unavailable_mid_session_gives_451_and_writes_nothing(short_lock_waits, make_app, client_factory, db_url, database):

@@ -136,3 +136,41 @@ def test_batches_by_size_keeps_order_and_the_limit():
     messages = [MessageInfo(i, f"u{i}", size, False) for i, size in enumerate([4, 4, 4, 20, 1, 1], 1)]
     assert list(batches_by_size(messages, 8)) == [[1, 2], [3], [4], [5, 6]]
     assert list(batches_by_size([], 8)) == []
+
+
+def test_raw_transactions_write_and_read_what_sqlalchemy_does(store, database, accounts):
+    """Database.write_raw/read_raw (the driver's cursor, for the per-message paths) keep
+    SQLAlchemy's conversions: dates with and without microseconds, booleans, literal
+    values in a statement, executemany, RETURNING; an exception rolls everything back."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from mailsrv.models import QueuedMessage, QueueRecipient
+    from mailsrv.store import INSERT_QUEUED, INSERT_RECIPIENT, Lookup
+
+    whole, fraction = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)
+    row = {"sender": "a@example.org", "body": b"x\r\n", "size": 3, "origin": "mpp", "account_id": None}
+    with database.write_raw() as c:
+        ids = [c.execute(INSERT_QUEUED, {**row, "created_at": at}).scalar_one() for at in (whole, fraction)]
+        recipients = [
+            {"queue_id": ids[0], "recipient": f"r{i}@example.org", "domain": "example.org", "state": "queued",
+             "attempts": 0, "next_attempt_at": whole, "updated_at": fraction}
+            for i in range(3)
+        ]
+        c.execute(INSERT_RECIPIENT, recipients)
+    with database.read() as s:  # what the ORM reads back
+        assert s.scalars(select(QueuedMessage.created_at).order_by(QueuedMessage.id)).all() == [whole, fraction]
+        assert s.execute(select(QueueRecipient.next_attempt_at, QueueRecipient.updated_at)).all() == [(whole, fraction)] * 3
+    with database.read_raw() as c:  # and what the raw path reads back
+        assert c.execute(select(QueuedMessage.id, QueuedMessage.created_at).order_by(QueuedMessage.id)).all() == [
+            (ids[0], whole), (ids[1], fraction)
+        ]
+        assert Lookup(c).mailbox_usage(accounts["ann"].id) == (0, 0)  # coalesce(sum, 0): a literal
+        assert c.scalar(select(QueuedMessage.id).where(QueuedMessage.id == -1)) is None
+
+    with pytest.raises(ZeroDivisionError), database.write_raw() as c:
+        c.execute(INSERT_QUEUED, {**row, "created_at": whole})
+        raise ZeroDivisionError
+    with database.read() as s:
+        assert s.execute(text("SELECT count(*) FROM queue")).scalar() == 2

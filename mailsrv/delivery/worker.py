@@ -80,15 +80,16 @@ class Worker:
         return handled
 
     def decide_all(self, claimed: list[Claimed], lookup) -> list[Outcome]:
-        self.pending: dict[int, int] = {}  # octets this batch will add, per account
-        return [self.decide(c, lookup) for c in claimed]
+        """Decide a batch (on any thread: nothing is kept on the worker)."""
+        pending: dict[int, int] = {}  # octets this batch will add, per account
+        return [self.decide(c, lookup, pending) for c in claimed]
 
-    def decide(self, c: Claimed, lookup) -> Outcome:
+    def decide(self, c: Claimed, lookup, pending: dict[int, int]) -> Outcome:
         address = c.recipient
         for _ in range(MAX_ALIAS_HOPS):
             where = lookup.resolve(address)
             if where.kind == "account":
-                return self.to_mailbox(c, where.account, lookup)
+                return self.to_mailbox(c, where.account, lookup, pending)
             if where.kind == "odmr":
                 return Outcome(c, "hold") if address == c.recipient else Outcome(c, "forward", targets=(address,))
             if where.kind == "remote":
@@ -98,20 +99,20 @@ class Worker:
             address = where.target.lower()
         return Outcome(c, "fail", status="5.4.6", error=f"alias loop at {address}")
 
-    def to_mailbox(self, c: Claimed, account, lookup) -> Outcome:
+    def to_mailbox(self, c: Claimed, account, lookup, pending: dict[int, int]) -> Outcome:
         quota = account.quota_bytes
         size = c.size + len(c.sender) + len(c.recipient) + 40  # with the trace fields
         if quota is not None:
             if size > quota:
                 return Outcome(c, "fail", status="5.2.2", error=f"message larger than the mailbox quota of {account.address}")
             _, used = lookup.mailbox_usage(account.id)
-            if used + self.pending.get(account.id, 0) + size > quota:
+            if used + pending.get(account.id, 0) + size > quota:
                 delay = self.backoff(c.attempts)
                 expires = c.created_at + timedelta(seconds=self.config.delivery.queue_lifetime)
                 if utcnow() + timedelta(seconds=delay) > expires:
                     return Outcome(c, "fail", status="5.2.2", error=f"mailbox of {account.address} is full")
                 return Outcome(c, "retry", delay=delay, status="4.2.2", error="mailbox full")
-        self.pending[account.id] = self.pending.get(account.id, 0) + size
+        pending[account.id] = pending.get(account.id, 0) + size
         return Outcome(c, "deliver", account_id=account.id)
 
     def backoff(self, attempts: int) -> float:
@@ -139,6 +140,7 @@ class DeliveryPool:
         self.store = store
         self.config = config
         self.workers = [Worker(store, config, f"w{i + 1}") for i in range(config.delivery.workers)]
+        self.poster = Worker(store, config, "post")  # decides for sessions' posts (no state)
         self._wake = threading.Semaphore(0)  # one token per wake-up: one worker per message
         self._stop = threading.Event()
         self._progress = threading.Condition()
@@ -147,6 +149,18 @@ class DeliveryPool:
     def wake(self) -> None:
         """Something was queued: one worker looks now."""
         self._wake.release()
+
+    def post(self, sender: str, body: bytes, recipients, origin: str, account_id: int | None = None) -> int:
+        """Queue a message from a session (MPP, SMTP), delivering it to local mailboxes in
+        the same transaction where it can (:meth:`Store.post`: the poster's thread makes
+        the decisions a worker would); wake a worker for whatever is left queued. Return
+        the queue id."""
+        queue_id, left = self.store.post(
+            sender, body, recipients, origin, account_id, self.poster.decide_all, Worker.local_copy
+        )
+        if left:
+            self.wake()
+        return queue_id
 
     def wait_until(self, predicate, timeout: float) -> bool:
         """Wait until ``predicate()`` holds, checking after each batch the workers finish

@@ -129,7 +129,7 @@ class MppHandler(LineHandler):
             if has_nul:
                 raise Refusal("message contains NUL characters")
             body, recipients = self.prepare(text)
-            queue_id = self.store.enqueue(self.account.address, body, recipients, "mpp", self.account.id)
+            queue_id = self.context.post(self.account.address, body, recipients, "mpp", self.account.id)
         except Refusal as exc:
             self.state = REFUSED
             self.log.info("[%s] %s: message refused: %s", self.peer, self.account.address, exc)
@@ -141,9 +141,6 @@ class MppHandler(LineHandler):
             self.send("451 Local error encountered: the message has not been queued, try again later.")
             return
         self.state = POSTED
-        wake = self.context.extras.get("wake_delivery")
-        if wake:
-            wake()
         self.log.info(
             "[%s] %s: queued %d (%d octets, %d recipient(s))",
             self.peer, self.account.address, queue_id, len(body), len(recipients),
