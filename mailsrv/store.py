@@ -295,6 +295,20 @@ INSERT_RECIPIENT = insert(QueueRecipient)
 STATE_AFTER = {"deliver": "delivered", "forward": "delivered", "hold": "held", "retry": "queued", "fail": "failed"}
 
 
+#: recipients of a queued message that are not done with yet
+PENDING_RECIPIENTS = select(func.count(QueueRecipient.id)).where(
+    QueueRecipient.queue_id == bindparam("queue_id"), QueueRecipient.state.not_in(("delivered", "failed"))
+)
+CUT_BODY = update(QueuedMessage).where(QueuedMessage.id == bindparam("queue_id")).values(body=bindparam("header"))
+
+
+def header_of(body: bytes) -> bytes:
+    """What the queue keeps of a message once every recipient is done with: its header
+    (through the blank line), so ``queue show`` and SQL still tell what it was."""
+    end = body.find(b"\r\n\r\n")
+    return body if end < 0 else body[: end + 4]
+
+
 def _recipient_rows(queue_id: int, recipients: Sequence[str], now: datetime) -> list[dict]:
     """New ``queued`` recipients of a queued message, ready for INSERT_RECIPIENT."""
     return [
@@ -461,6 +475,9 @@ class QueueOps:
             text = bounce(items[0].claimed, items, bodies[queue_id])
             if text is not None:
                 self._enqueue_in(s, "", text, [items[0].claimed.sender], "bounce", None, now)
+        for queue_id in {o.claimed.queue_id for o in applied if o.action in ("deliver", "fail")}:
+            if not s.scalar(PENDING_RECIPIENTS, {"queue_id": queue_id}):  # every recipient done
+                s.execute(CUT_BODY, {"queue_id": queue_id, "header": header_of(bodies[queue_id])})
         return applied
 
     # --- administration ----------------------------------------------------------------
@@ -780,13 +797,16 @@ class Store(QueueOps):
         recipient that ``decide`` sends to a local mailbox is delivered in the transaction
         that queues the message: its mailbox copy is written and it is recorded
         ``delivered``, so the mail is readable once the reply to the poster says it is
-        queued, and no worker has to read it back. The decisions are made inside that
+        queued, and no worker has to read it back. When every recipient is delivered so,
+        the queue keeps only the message's header (as it does once the workers are done
+        with a message): the mailboxes hold the copies. The decisions are made inside that
         transaction, so a quota is checked against what the mailbox holds. Every other
         outcome (alias, ODMR, remote, unknown, over quota) is left ``queued`` for the
         workers, which own forwarding, holding, retries and bounces.
 
-        The transaction runs on the driver's cursor (:meth:`Database.write_raw`): this is
-        the path every posted message takes.
+        The transaction runs on the driver's cursor and is shared with the posts of other
+        sessions made at the same time (:meth:`Database.write_grouped`): this is the path
+        every posted message takes.
         """
         unique = list(dict.fromkeys(r.strip().lower() for r in recipients))
         if not unique:
@@ -794,26 +814,32 @@ class Store(QueueOps):
         for recipient in unique:
             split_address(recipient)  # Refused for a malformed one, before anything is written
         now = utcnow()
-        with self.db.write_raw() as c:
+
+        def work(c) -> tuple[int, int]:
             delivered: list[Outcome] = []
             if decide is not None:
                 claimed = [Claimed(None, None, r, r.rpartition("@")[2], 0, sender, len(body), now, origin) for r in unique]
                 delivered = [o for o in decide(claimed, Lookup(c)) if o.action == "deliver"]
-            queue_id = self._enqueue_in(c, sender, body, unique, origin, account_id, now, delivered)
+            kept = body if len(delivered) < len(unique) else header_of(body)
+            queue_id = self._enqueue_in(c, sender, kept, unique, origin, account_id, now, delivered, len(body))
             for outcome in delivered:
                 Store._insert_message(c, outcome.account_id, local_copy(outcome, body), sender)
-        return queue_id, len(unique) - len(delivered)
+            return queue_id, len(unique) - len(delivered)
+
+        return self.db.write_grouped(work)
 
     @staticmethod
     def _enqueue_in(
         c, sender: str, body: bytes, recipients: Sequence[str], origin: str, account_id, now,
-        delivered: Sequence[Outcome] = (),
+        delivered: Sequence[Outcome] = (), size: int | None = None,
     ) -> int:
         """Insert a queued message and its recipients inside the caller's transaction;
-        the recipients of ``delivered`` are recorded as delivered."""
+        the recipients of ``delivered`` are recorded as delivered (``body`` is then what is
+        kept of a message of ``size`` octets)."""
         queue_id = c.execute(
             INSERT_QUEUED,
-            {"sender": sender, "body": body, "size": len(body), "origin": origin, "account_id": account_id, "created_at": now},
+            {"sender": sender, "body": body, "size": len(body) if size is None else size, "origin": origin,
+             "account_id": account_id, "created_at": now},
         ).scalar_one()
         rows = _recipient_rows(queue_id, recipients, now)
         if delivered:

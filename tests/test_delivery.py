@@ -41,6 +41,11 @@ def states(database) -> list[tuple[str, str]]:
         return [tuple(r) for r in s.execute(text("SELECT recipient, state FROM queue_recipients ORDER BY id"))]
 
 
+def queue_bodies(database) -> list[tuple[bytes, int]]:
+    with database.read() as s:
+        return [(bytes(r[0]), r[1]) for r in s.execute(text("SELECT body, size FROM queue ORDER BY id"))]
+
+
 def mailbox(store, address) -> list[bytes]:
     account = store.find_account(address)
     return [store.read_body(account.id, m.id) for m in store.snapshot(account.id)]
@@ -53,6 +58,7 @@ def test_local_recipients_are_delivered_with_trace_fields(worker, store, databas
     (copy,) = mailbox(store, BOB)
     assert copy == f"Return-Path: <{ANN}>\r\nDelivered-To: {BOB}\r\n".encode() + b"Subject: hi\r\n\r\nhello\r\n"
     assert store.snapshot(store.find_account(BOB).id)[0].size == len(copy)
+    assert queue_bodies(database) == [(b"Subject: hi\r\n\r\n", 22)]  # done with: the header is kept
 
 
 def test_odmr_is_held_and_remote_is_left_queued(worker, store, database):
@@ -180,6 +186,14 @@ def test_post_delivers_local_mailboxes_in_the_queuing_transaction(worker, store,
     pool.post(ANN, body, [ANN], "mpp")
     assert not woken(pool)  # all delivered: no worker needed
     assert drain(worker) == 0
+    # the queue keeps a body while a recipient needs it: the first message (y@remote and
+    # partner@remote still queued) whole; the last (done at once) and the bounce (done
+    # by the worker) only their header
+    assert [(b == body, size) for b, size in queue_bodies(database) if b.endswith(b"hello\r\n")] == [(True, len(body))]
+    assert queue_bodies(database)[-1] == (b"Subject: at once\r\n\r\n", len(body))
+    bounce_header, bounce_size = queue_bodies(database)[1]
+    assert bounce_header.endswith(b"\r\n\r\n") and b"MAILER-DAEMON" in bounce_header
+    assert bounce_size > len(bounce_header)
 
 
 def test_post_keeps_the_quota_and_leaves_the_rest_to_the_workers(worker, store, database, db_url, tmp_path):

@@ -49,6 +49,22 @@ START, USER_GIVEN, AUTHED, POSTED, FAILED, REFUSED = (
 TEXT_CHUNK = 65536
 
 
+def _text_end(window: bytes) -> tuple[int, bool]:
+    """Where the line that ends the text (a lone ".") starts in ``window``, less one (its
+    line feed before), or -1; and whether a stuffed line (one starting with "." that is
+    not the end) came before it. One scan: lines starting with "." are rare."""
+    stuffed = False
+    at = window.find(b"\n.")
+    while at >= 0:
+        after = window[at + 2 : at + 4]
+        if after == b"\r\n" or after[:1] == b"\n":
+            return at, stuffed
+        if after not in (b"", b"\r"):  # else the window ends before we can tell: next time
+            stuffed = True
+        at = window.find(b"\n.", at + 2)
+    return -1, stuffed
+
+
 class Refusal(Exception):
     """The message will never be accepted: 550 with this reason."""
 
@@ -160,20 +176,22 @@ class MppHandler(LineHandler):
         limit = self.config.mpp.max_message_size
         kept = bytearray()
         size = 0
-        tail = b"\n"  # the text starts at a line start
+        stuffed = False  # a line starting with "." was seen (its dot is removed at the end)
+        tail = b"\n"  # the end of what was taken before: the text starts at a line start
         while True:
             chunk = self.rfile.peek(TEXT_CHUNK)
             if not chunk:
                 raise ConnectionAbortedError("client left during the message text")
             window = tail + chunk
-            ends = [i for i in (window.find(b"\n.\r\n"), window.find(b"\n.\n")) if i >= 0]
-            if ends:
-                at = min(ends) - len(tail) + 1  # where the "." line starts in chunk
+            end, dots = _text_end(window)
+            stuffed = stuffed or dots
+            if end >= 0:
+                at = end - len(tail) + 1  # where the "." line starts in chunk
                 line_end = chunk.index(b"\n", max(at, 0)) + 1
                 piece = self.rfile.read(line_end)[: max(at, 0)]
             else:
                 piece = self.rfile.read(len(chunk))
-            if ends and at < 0:  # the "." line began in the piece taken before: untake it
+            if end >= 0 and at < 0:  # the "." line began in the piece taken before: untake it
                 del kept[at:]
                 size += at
             size += len(piece)
@@ -181,15 +199,17 @@ class MppHandler(LineHandler):
                 kept.clear()
             else:
                 kept += piece
-            if ends:
+            if end >= 0:
                 break
             tail = (tail + piece)[-4:]
         if size > limit:
             return b"", True, False
         raw = bytes(kept)
-        if raw.startswith(b"."):
-            raw = raw[1:]
-        text = msg.to_crlf(raw.replace(b"\n.", b"\n"))
+        if stuffed:
+            if raw.startswith(b"."):
+                raw = raw[1:]
+            raw = raw.replace(b"\n.", b"\n")
+        text = msg.to_crlf(raw)
         return text, False, b"\0" in text
 
     def prepare(self, text: bytes) -> tuple[bytes, list[str]]:
