@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,10 @@ SQLITE_MMAP_SIZE = 1 << 30
 #: page cache of each SQLite connection, in KiB (pages read through the map need little)
 SQLITE_CACHE_KIB = 1024
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: connections the raw transactions keep between uses, and for how long (a PostgreSQL
+#: connection idle for longer is checked by the pool's ping before it is used again)
+RAW_IDLE_CONNECTIONS = 4
+RAW_IDLE_SECONDS = {"sqlite": 10.0, "postgresql": 1.0}
 
 
 class DatabaseUnavailable(Exception):
@@ -71,9 +76,10 @@ class Database:
         dbapi = self.engine.dialect.loaded_dbapi
         self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
         self._prepared: dict = {}
+        self._raw_idle: list[tuple] = []  # (connection, idle since) kept by _raw_checkin
         self._group: list[_Grouped] = []  # works waiting for write_grouped's next turn
         self._group_lock = threading.Lock()
-        self._group_turn = threading.Lock()
+        self._group_leading = False
 
     @contextmanager
     def write(self, durable: bool = True) -> Iterator[Session]:
@@ -146,33 +152,36 @@ class Database:
         """Run ``work(raw)`` in a durable :meth:`write_raw` transaction, sharing it with
         whatever other threads asked at the same time (group commit); return its result.
 
-        While one group's transaction runs, the threads that come meanwhile queue; the
-        first of them to get the turn then runs them all in one transaction. So under
-        load each message costs its own statements but a share of one BEGIN, COMMIT and
-        disk flush, and the writers no longer take turns on the write lock one by one.
-        ``work`` must touch nothing but the transaction (it may be run twice: if a shared
+        One thread at a time leads: it runs every work waiting in one transaction, then
+        hands the lead to the first that came meanwhile, which runs all of those in the
+        next. So under load each message costs its own statements but a share of one
+        BEGIN, COMMIT and disk flush, and the writers no longer take turns on the write
+        lock one by one. ``work`` must touch nothing but the transaction: if a shared
         transaction fails other than by the database being unavailable, each of its works
-        is run again alone, so one failing work never fails another).
+        is run again alone, so that one failing work never fails another.
         """
         item = _Grouped(work)
         with self._group_lock:
             self._group.append(item)
-        if self._group_turn.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
-            try:
-                if not item.done.is_set():
-                    with self._group_lock:
-                        batch, self._group = self._group, []
-                    self._run_group(batch)
-            finally:
-                self._group_turn.release()
-        else:
+            item.lead = not self._group_leading
+            self._group_leading = True
+        if not item.lead:
+            item.wake.wait()  # done by a leader, or made the leader
+        if item.lead:
             with self._group_lock:
-                waiting = item in self._group
-                if waiting:
-                    self._group.remove(item)
-            if waiting:
-                raise DatabaseUnavailable("database is busy")
-        item.done.wait()  # taken by a turn that is running now: it ends
+                batch, self._group = self._group, []
+            try:
+                self._run_group(batch)
+            finally:
+                for other in batch:  # only if _run_group was interrupted
+                    if not other.wake.is_set():
+                        other.finish(error=DatabaseUnavailable("interrupted"))
+                with self._group_lock:
+                    if self._group:
+                        self._group[0].lead = True
+                        self._group[0].wake.set()
+                    else:
+                        self._group_leading = False
         if item.error is not None:
             raise item.error
         return item.result
@@ -209,10 +218,7 @@ class Database:
 
     @contextmanager
     def _raw(self, write: bool, durable: bool) -> Iterator[Raw]:
-        try:
-            connection = self.engine.raw_connection()
-        except UNAVAILABLE as exc:
-            raise DatabaseUnavailable(_describe(exc)) from exc
+        connection = self._raw_checkout()
         try:
             cursor = connection.cursor()
             sqlite = self.dialect == "sqlite"
@@ -241,9 +247,40 @@ class Database:
             else:
                 connection.commit()
         except self._driver_errors as exc:
-            connection.invalidate()  # a fresh connection next time, whatever went wrong
+            connection.invalidate()  # (back to the pool, closed): fresh ones next time
+            while self._raw_idle:  # (they may have lost their server as well)
+                try:
+                    self._raw_idle.pop()[0].invalidate()
+                except IndexError:
+                    break
             raise DatabaseUnavailable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-        finally:
+        except BaseException:
+            connection.close()
+            raise
+        self._raw_checkin(connection)
+
+    def _raw_checkout(self):
+        """A pooled connection for a raw transaction. The raw paths keep a few of their own
+        between transactions (out of the pool: its check-in and check-out were a good part
+        of a short transaction); one left unused for longer than RAW_IDLE_SECONDS goes back
+        through the pool, which pings a PostgreSQL connection before it is used again."""
+        while self._raw_idle:
+            try:
+                connection, since = self._raw_idle.pop()
+            except IndexError:
+                break
+            if time.monotonic() - since < RAW_IDLE_SECONDS.get(self.dialect, 0.0):
+                return connection
+            connection.close()
+        try:
+            return self.engine.raw_connection()
+        except UNAVAILABLE as exc:
+            raise DatabaseUnavailable(_describe(exc)) from exc
+
+    def _raw_checkin(self, connection) -> None:
+        if len(self._raw_idle) < RAW_IDLE_CONNECTIONS:
+            self._raw_idle.append((connection, time.monotonic()))
+        else:
             connection.close()
 
     def prepared(self, statement, keys: tuple[str, ...] | None) -> _Prepared:
@@ -255,6 +292,8 @@ class Database:
         return found
 
     def dispose(self) -> None:
+        while self._raw_idle:
+            self._raw_idle.pop()[0].close()
         self.engine.dispose()
 
 
@@ -265,17 +304,18 @@ T = TypeVar("T")
 class _Grouped:
     """One work of :meth:`Database.write_grouped`, and what became of it."""
 
-    __slots__ = ("work", "done", "result", "error")
+    __slots__ = ("work", "wake", "lead", "result", "error")
 
     def __init__(self, work):
         self.work = work
-        self.done = threading.Event()
+        self.wake = threading.Event()  # set when done, or when made the leader
+        self.lead = False
         self.result = None
         self.error: BaseException | None = None
 
     def finish(self, result=None, error: BaseException | None = None) -> None:
-        self.result, self.error = result, error
-        self.done.set()
+        self.result, self.error, self.lead = result, error, False
+        self.wake.set()
 
 
 class _Prepared:

@@ -174,3 +174,78 @@ def test_raw_transactions_write_and_read_what_sqlalchemy_does(store, database, a
         raise ZeroDivisionError
     with database.read() as s:
         assert s.execute(text("SELECT count(*) FROM queue")).scalar() == 2
+
+
+def test_grouped_writes_commit_together_and_fail_alone(database):
+    """Database.write_grouped from many threads at once: every work's own result, all
+    committed, and a work that raises fails alone, the others still committed."""
+    import threading
+    from datetime import UTC, datetime
+
+    from mailsrv.store import INSERT_QUEUED
+
+    threads_n = 16
+    barrier = threading.Barrier(threads_n)
+    results: dict[int, object] = {}
+
+    def work_for(i: int):
+        def work(c):
+            queue_id = c.execute(INSERT_QUEUED, {
+                "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
+                "created_at": datetime.now(UTC),
+            }).scalar_one()
+            if i == 7:
+                raise ValueError("this one fails")
+            return i, queue_id
+        return work
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = database.write_grouped(work_for(i))
+        except ValueError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(results.pop(7), ValueError)
+    assert sorted(r[0] for r in results.values()) == [i for i in range(threads_n) if i != 7]
+    with database.read() as s:
+        rows = dict(s.execute(text("SELECT id, sender FROM queue")).all())
+    assert {queue_id: f"s{i}@example.org" for i, queue_id in results.values()} == rows
+
+
+def test_raw_connection_that_lost_its_server_is_replaced(database, db_url, monkeypatch):
+    """A raw transaction's kept connection whose server side went away (a PostgreSQL
+    restart, here its backend terminated): one left idle goes back through the pool's
+    ping; one in use fails with DatabaseUnavailable, and the next transaction works."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: an SQLite connection has no server to lose")
+    from sqlalchemy import create_engine, func, literal, select
+
+    from mailsrv import db as dbmod
+    from mailsrv.db import DatabaseUnavailable
+
+    def backend() -> int:
+        with database.write_raw() as c:
+            return c.scalar(select(func.pg_backend_pid()))
+
+    def terminate(pid: int) -> None:
+        engine = create_engine(db_url)
+        with engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})  # waits for its end
+            other.commit()
+        engine.dispose()
+
+    terminate(backend())  # kept connections are used again within RAW_IDLE_SECONDS ...
+    with pytest.raises(DatabaseUnavailable), database.write_raw() as c:
+        c.scalar(select(literal(1)))
+    with database.write_raw() as c:  # ... and the next transaction gets a working one
+        assert c.scalar(select(literal(1))) == 1
+    monkeypatch.setitem(dbmod.RAW_IDLE_SECONDS, "postgresql", 0.0)  # kept "too long"
+    terminate(backend())
+    with database.write_raw() as c:  # pinged by the pool, replaced, never failing
+        assert c.scalar(select(literal(1))) == 1
