@@ -137,10 +137,20 @@ def header_line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode()
 
 
+_ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+#: the forms nearly every field has, which the parser would read the same way: a bare
+#: dot-atom address, or one in <> after a plain name (no quotes, comments or commas)
+_PLAIN_ADDRESS = re.compile(rf"(?:[A-Za-z0-9 .'-]*<)?({_ATOMS})>?")
+
+
 def addresses(fields: list[bytes], names: tuple[str, ...]) -> list[str]:
     """Every address in the named fields, in order ("Name <a@b>" -> "a@b"; groups opened)."""
     result: list[str] = []
     for value in (field_value(f) for f in fields if field_name(f) in names):
+        plain = _PLAIN_ADDRESS.fullmatch(value)
+        if plain and (value.endswith(">") == ("<" in value)):
+            result.append(plain.group(1))
+            continue
         pairs = getaddresses([value])
         if ("", "") in pairs:  # the strict parser's mark of a malformed list: name all of it
             result.append(value)

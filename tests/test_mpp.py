@@ -311,3 +311,21 @@ def test_empty_text_and_size_limit_and_nul():
 def test_client_leaving_mid_text_raises():
     with pytest.raises(ConnectionAbortedError):
         read_text_of([b"To: bob@example.org\r\n\r\nhalf"])
+
+
+@pytest.mark.parametrize("value", [
+    "a@b.example", "Joe Bloggs <joe@x.org>", "<joe@x.org>", "joe@x.org>", "<joe@x.org", "Joe <a@b>, c@d",
+    '"Bloggs, Joe" <j@x>', "a.b+c@x-y.z", "Joe", "x@y (comment)", "O'Brien <ob@x.ie>", " a@b ", "a@b.",
+    "a..b@c", ".a@c", "Joe <a@b> x", "undisclosed-recipients:;", "team: a@b, c@d;", "a@[127.0.0.1]",
+])
+def test_plain_address_shortcut_reads_as_the_parser_does(value, monkeypatch):
+    """message.addresses reads the plain forms (a@b, Name <a@b>) without the stdlib parser:
+    the result is the parser's, whatever the field."""
+    import re
+
+    from mailsrv import message
+
+    field = [f"To: {value}\r\n".encode()]
+    quick = message.addresses(field, ("to",))
+    monkeypatch.setattr(message, "_PLAIN_ADDRESS", re.compile(r"(?!)"))  # never matches
+    assert quick == message.addresses(field, ("to",))

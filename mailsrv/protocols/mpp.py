@@ -239,12 +239,12 @@ class MppHandler(LineHandler):
         kept = [f for f, name in zip(fields, names, strict=True) if name not in dropped]
         if "message-id" not in names:
             added.append(msg.header_line("Message-ID", make_msgid(domain=self.context.hostname)))
+        now = formatdate(localtime=True)
         if "date" not in names:
-            added.append(msg.header_line("Date", formatdate(localtime=True)))
+            added.append(msg.header_line("Date", now))
         protocol = "MPP with TLS" if self.tls_active else "MPP"
         trace = msg.header_line(
             "Received",
-            f"from [{self.peer_ip}] by {self.context.hostname} (mailsrv) with {protocol};\r\n"
-            f"\t{formatdate(localtime=True)}",
+            f"from [{self.peer_ip}] by {self.context.hostname} (mailsrv) with {protocol};\r\n\t{now}",
         )
         return trace + b"".join(kept) + b"".join(added) + rest, recipients
