@@ -21,6 +21,15 @@ workers claim with a lease first; for these destinations the lease would only ad
 window, so it is kept for work done outside the database: the relay, which will use
 ``Store.claim``/``Store.settle``.) Remote recipients stay ``queued`` for the relay.
 
+A message posted in this process (:meth:`DeliveryPool.post`) does not wait for a worker
+where it need not: its recipients in local mailboxes are delivered in the transaction that
+queues it, with the same decisions (quota included), so the poster's 250 means the mail is
+readable and no worker reads it back; what is left wakes a worker. (DESIGN.md has the
+workers deliver everything; doing the local part at once keeps "250 = committed" and
+exactly-once, and halves the transactions and flushes per message: measured in
+bench/mpp.py.) Once every recipient of a message is done with, the queue keeps only its
+header (``store.header_of``).
+
 A lease names its holder (``host:pid:worker``). At start the leases of dead processes on
 this host are taken back at once; a recipient whose lease ran out (another host's, or a
 hung worker's) is taken again, looked for when nothing else is due and at least every
