@@ -1,6 +1,6 @@
 """POP3: mailsrv and Dovecot side by side in one run, on the same machine and load.
 
-    python bench/pop3.py [--seconds 5] [--idle 2000] [--only mailsrv]
+    python bench/pop3.py [--seconds 5] [--rounds 1] [--idle 2000] [--only mailsrv]
 
 Dovecot (Debian `dovecot-pop3d`) is set up by this script on a loopback port with its own
 standalone config, the same users, bcrypt hashes of the same cost (10) and the same
@@ -22,6 +22,7 @@ import os
 import pwd
 import shutil
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -348,40 +349,48 @@ def populate(server, idle: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each timed figure (the median is printed)")
     parser.add_argument("--idle", type=int, default=2000, help="idle logged-in sessions")
     parser.add_argument("--only", choices=("mailsrv", "dovecot"))
     args = parser.parse_args()
     raise_fd_limit(args.idle * 3 + 2000)
     servers = []
-    if args.only != "dovecot":
-        servers.append(Mailsrv(temp_folder("bench-mailsrv-")))
-    if args.only != "mailsrv":
-        servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port()))
-    results: dict[str, dict[str, float]] = {}
-    for server in servers:
-        print(f"setting up {server.name} ...", flush=True)
-        populate(server, args.idle)
-        server.start()
-        try:
-            r = results[server.name] = {}
-            for clients in (1, 8, 32):
-                r[f"logins/s, {clients} clients"] = logins_per_second(server, clients, args.seconds)
-                print(f"  {server.name}: logins/s at {clients}: {r[f'logins/s, {clients} clients']:.1f}", flush=True)
-            for label, prefix, count in (("10 KB", "small", 100), ("1 MB", "large", 8)):
-                for clients in (1, 8):
-                    key = f"RETR MB/s, {label}, {clients} clients"
-                    r[key] = retr_mb_per_second(server, clients, prefix, count, args.seconds)
-                    print(f"  {server.name}: {key}: {r[key]:.1f}", flush=True)
-            r["10,000-message login+STAT+LIST+UIDL, s"] = big_mailbox_seconds(server)
+    try:
+        if args.only != "dovecot":
+            servers.append(Mailsrv(temp_folder("bench-mailsrv-")))
+        if args.only != "mailsrv":
+            servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port()))
+        for server in servers:
+            print(f"setting up {server.name} ...", flush=True)
+            populate(server, args.idle)
+            server.start()
+        timed = [(f"logins/s, {c} clients", lambda srv, c=c: logins_per_second(srv, c, args.seconds)) for c in (1, 8, 32)]
+        for label, prefix, count in (("10 KB", "small", 100), ("1 MB", "large", 8)):
+            for c in (1, 8):
+                timed.append((f"RETR MB/s, {label}, {c} clients",
+                              lambda srv, c=c, prefix=prefix, count=count: retr_mb_per_second(srv, c, prefix, count, args.seconds)))
+        timed.append(("10,000-message login+STAT+LIST+UIDL, s", big_mailbox_seconds))
+        runs: dict[str, dict[str, list[float]]] = {}
+        for round_ in range(args.rounds):  # the servers take turns, so both see the same machine
+            for key, measure in timed:
+                for server in servers:
+                    value = measure(server)
+                    runs.setdefault(server.name, {}).setdefault(key, []).append(value)
+                    print(f"  round {round_ + 1}, {server.name}: {key}: {value:.2f}", flush=True)
+        results = {name: {key: statistics.median(v) for key, v in figures.items()} for name, figures in runs.items()}
+        for server in servers:
             memory, p50, p99, held = idle_sessions(server, args.idle)
-            r[f"{held} idle sessions: memory MiB"] = memory
-            r[f"{held} idle sessions: NOOP p50 ms"] = p50
-            r[f"{held} idle sessions: NOOP p99 ms"] = p99
+            results[server.name][f"{held} idle sessions: memory MiB"] = memory
+            results[server.name][f"{held} idle sessions: NOOP p50 ms"] = p50
+            results[server.name][f"{held} idle sessions: NOOP p99 ms"] = p99
             print(f"  {server.name}: idle sessions done", flush=True)
-        finally:
+    finally:
+        for server in servers:
             server.stop()
     print_side_by_side(results, 48, 2)
     print("\nratio = mailsrv / dovecot (higher is better for rates, lower for times, memory, latency)")
+    if args.rounds > 1:
+        print(f"timed figures: the median of {args.rounds} rounds, the servers taking turns")
 
 
 if __name__ == "__main__":

@@ -338,12 +338,10 @@ class _Prepared:
             convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if convert is not None:
                 self.converters[name] = convert
-        self.results = None
-        if getattr(statement, "is_select", False) or getattr(statement, "_returning", ()):
-            columns = statement.selected_columns if statement.is_select else statement._returning
-            converters = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
-            if any(converters):
-                self.results = converters
+        self.results = None  # the columns a SELECT or a RETURNING gives back
+        converters = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in statement.exported_columns]
+        if any(converters):
+            self.results = converters
 
     def parameters(self, values: dict):
         if self.defaults:

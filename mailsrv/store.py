@@ -180,10 +180,11 @@ def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A recipient a worker has leased, with what it needs of its message."""
+    """A recipient a worker has leased, with what it needs of its message (``id`` and
+    ``queue_id`` are None while its message is being posted: see :meth:`Store.post`)."""
 
-    id: int
-    queue_id: int
+    id: int | None
+    queue_id: int | None
     recipient: str
     domain: str
     attempts: int

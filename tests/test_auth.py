@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import shutil
+import subprocess
 
 import bcrypt
 import pytest
@@ -43,8 +45,8 @@ def test_check_plain(authenticator, store):
 
 def test_unknown_and_disabled_users_cost_one_bcrypt_check(authenticator, store, monkeypatch):
     calls = []
-    real = bcrypt.checkpw
-    monkeypatch.setattr(bcrypt, "checkpw", lambda pw, h: calls.append(h[:7]) or real(pw, h))
+    real = authmod.check_password
+    monkeypatch.setattr(authmod, "check_password", lambda pw, h: calls.append(h[:7].encode()) or real(pw, h))
     authenticator.check_plain("nobody@example.org", "x")
     authenticator.check_plain("no-at-sign", "x")
     store.set_enabled("bob@example.org", False)
@@ -96,3 +98,23 @@ def test_decode_plain():
     assert decode_plain("not base64!") is None
     assert decode_plain(base64.b64encode(b"no-nuls").decode()) is None
     assert decode_plain(base64.b64encode(b"\xff\0a\0b").decode()) is None
+
+
+@pytest.mark.parametrize("stored_password", ["secret", "pässwörd", "x" * 100, "a\0b"])
+def test_c_library_bcrypt_answers_as_the_bcrypt_package(stored_password):
+    """check_password runs in libxcrypt where the machine has it (Debian does): for right
+    and wrong passwords, over-long ones, NUL, other $2 variants and broken hashes, it says
+    exactly what the bcrypt package says."""
+    auth = authmod
+    if shutil.which("dpkg") and subprocess.run(["dpkg", "-s", "libcrypt1"], capture_output=True).returncode == 0:
+        assert auth._crypt_rn is not None  # used here, not silently skipped
+    hashed = auth.hash_password(stored_password, 4)
+    variants = [hashed, "$2a$" + hashed[4:], "$2y$" + hashed[4:], hashed[:-1] + ("A" if hashed[-1] != "A" else "B"),
+                hashed[:20], "", "plain text", "$1$abc$def"]
+    for stored in variants:
+        for attempt in (stored_password, stored_password + "!", stored_password[:72], "x" * 72 + "y", "a", "", "a\0b"):
+            try:
+                expected = bcrypt.checkpw(attempt.encode()[:72], stored.encode())
+            except ValueError:
+                expected = False
+            assert auth.check_password(attempt, stored) is expected, (stored, attempt)
