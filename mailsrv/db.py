@@ -339,7 +339,8 @@ class _Prepared:
             if convert is not None:
                 self.converters[name] = convert
         self.results = None  # the columns a SELECT or a RETURNING gives back
-        converters = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in statement.exported_columns]
+        columns = getattr(statement, "exported_columns", ())  # none for text(): raw values
+        converters = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
         if any(converters):
             self.results = converters
 

@@ -583,7 +583,7 @@ class Store(QueueOps):
         params = {"account": account_id, "low": min(wanted), "high": max(wanted)}
         if self.db.dialect == "sqlite" and len(wanted) > 1:
             return {k: v for k, v in self._bodies_in_one_row(params).items() if k in wanted}
-        with self.db.read_core() as c:
+        with self.db.read_raw() as c:
             rows = c.execute(BODIES_BETWEEN, params).all()
         return {r[0]: (bytes(r[1]), r[2]) for r in rows if r[0] in wanted}
 
@@ -593,7 +593,7 @@ class Store(QueueOps):
         gives the GIL up and takes it back for every row, which costs dearly while many
         sessions retrieve at once. All aggregates of one query see the rows in the same
         order, so ids, lengths, offsets and bodies line up whatever that order is."""
-        with self.db.read_core() as c:
+        with self.db.read_raw() as c:
             ids, lengths, offsets, blob = c.execute(BODIES_BETWEEN_ONE_ROW, params).one()
         if ids is None:
             return {}
