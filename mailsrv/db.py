@@ -251,11 +251,8 @@ class Database:
                 connection.commit()
         except self._driver_errors as exc:
             connection.invalidate()  # (back to the pool, closed): fresh ones next time
-            while self._raw_idle:  # (they may have lost their server as well)
-                try:
-                    self._raw_idle.pop()[0].invalidate()
-                except IndexError:
-                    break
+            for kept, _ in self._take_kept():  # (they may have lost their server as well)
+                kept.invalidate()
             raise DatabaseUnavailable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         except BaseException:
             connection.close()
@@ -267,11 +264,7 @@ class Database:
         between transactions (out of the pool: its check-in and check-out were a good part
         of a short transaction); one left unused for longer than RAW_IDLE_SECONDS goes back
         through the pool, which pings a PostgreSQL connection before it is used again."""
-        while self._raw_idle:
-            try:
-                connection, since = self._raw_idle.pop()
-            except IndexError:
-                break
+        for connection, since in self._take_kept():
             if time.monotonic() - since < RAW_IDLE_SECONDS.get(self.dialect, 0.0):
                 return connection
             connection.close()
@@ -279,6 +272,15 @@ class Database:
             return self.engine.raw_connection()
         except UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
+
+    def _take_kept(self) -> Iterator[tuple]:
+        """Take the kept connections, newest first, one at a time as the caller asks
+        (other threads may be taking them too)."""
+        while True:
+            try:
+                yield self._raw_idle.pop()
+            except IndexError:
+                return
 
     def _raw_checkin(self, connection) -> None:
         if len(self._raw_idle) < RAW_IDLE_CONNECTIONS:
@@ -295,8 +297,8 @@ class Database:
         return found
 
     def dispose(self) -> None:
-        while self._raw_idle:
-            self._raw_idle.pop()[0].close()
+        for connection, _ in self._take_kept():
+            connection.close()
         self.engine.dispose()
 
 
@@ -348,10 +350,8 @@ class _Prepared:
             self.results = converters
 
     def parameters(self, values: dict):
-        if self.defaults:
-            values = {**self.defaults, **values}
-        if self.converters:
-            values = dict(values)
+        if self.defaults or self.converters:
+            values = {**self.defaults, **values}  # one copy: the caller's dict stays as it is
             for name, convert in self.converters.items():
                 if name in values:
                     values[name] = convert(values[name])
