@@ -140,7 +140,7 @@ def header_line(name: str, value: str) -> bytes:
 _ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 #: the forms nearly every field has, which the parser would read the same way: a bare
 #: dot-atom address, or one in <> after a plain name (no quotes, comments or commas)
-_PLAIN_ADDRESS = re.compile(rf"(?:[A-Za-z0-9 .'-]*<)?({_ATOMS})>?")
+_PLAIN_ADDRESS = re.compile(rf"[A-Za-z0-9 .'-]*<({_ATOMS})>|({_ATOMS})")
 
 
 def addresses(fields: list[bytes], names: tuple[str, ...]) -> list[str]:
@@ -148,8 +148,8 @@ def addresses(fields: list[bytes], names: tuple[str, ...]) -> list[str]:
     result: list[str] = []
     for value in (field_value(f) for f in fields if field_name(f) in names):
         plain = _PLAIN_ADDRESS.fullmatch(value)
-        if plain and (value.endswith(">") == ("<" in value)):
-            result.append(plain.group(1))
+        if plain:
+            result.append(plain.group(1) or plain.group(2))
             continue
         pairs = getaddresses([value])
         if ("", "") in pairs:  # the strict parser's mark of a malformed list: name all of it
