@@ -45,10 +45,14 @@ def encode_offsets(offsets: list[int]) -> str:
     return " ".join(map(str, offsets))
 
 
-def dot_stuff_parts(body: bytes, offsets: str | None = None) -> list[bytes | memoryview]:
+def dot_stuff_parts(body: bytes | memoryview, offsets: str | None = None) -> list[bytes | memoryview]:
     """:func:`dot_stuff` as pieces to send one after another, without copying the body.
     ``offsets`` is the stored :func:`dot_line_offsets` (None: find them now)."""
-    found = dot_line_offsets(body) if offsets is None else [int(o) for o in offsets.split()]
+    if offsets is None:
+        body = bytes(body)  # (a view has no find(); only rows stored without offsets)
+        found = dot_line_offsets(body)
+    else:
+        found = [int(o) for o in offsets.split()]
     if found:
         view, start, parts = memoryview(body), 0, []
         for offset in found:
@@ -57,7 +61,7 @@ def dot_stuff_parts(body: bytes, offsets: str | None = None) -> list[bytes | mem
         parts.append(view[start:])
     else:
         parts = [body]
-    parts.append(b".\r\n" if not body or body.endswith(CRLF) else b"\r\n.\r\n")
+    parts.append(b".\r\n" if not body or body[-2:] == CRLF else b"\r\n.\r\n")
     return parts
 
 

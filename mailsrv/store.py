@@ -574,9 +574,12 @@ class Store(QueueOps):
                 select(Message.body).where(Message.id == message_id, Message.account_id == account_id)
             )
 
-    def read_bodies(self, account_id: int, ids: Sequence[int]) -> dict[int, tuple[bytes, str | None]]:
+    def read_bodies(
+        self, account_id: int, ids: Sequence[int]
+    ) -> dict[int, tuple[bytes | memoryview, str | None]]:
         """{id: (body, dot_offsets)} of several messages of the account at once (missing
-        ones left out); see :func:`mailsrv.message.dot_stuff_parts` for the offsets."""
+        ones left out); see :func:`mailsrv.message.dot_stuff_parts` for the offsets. A
+        body may be a memoryview into the one value a batch was read as (no copy)."""
         wanted = set(ids)
         if not wanted:
             return {}
@@ -587,7 +590,7 @@ class Store(QueueOps):
             rows = c.execute(BODIES_BETWEEN, params).all()
         return {r[0]: (bytes(r[1]), r[2]) for r in rows if r[0] in wanted}
 
-    def _bodies_in_one_row(self, params: dict) -> dict[int, tuple[bytes, str | None]]:
+    def _bodies_in_one_row(self, params: dict) -> dict[int, tuple[bytes | memoryview, str | None]]:
         """SQLite: the range's bodies concatenated into one value, split by the lengths
         aggregated beside them. One row instead of one per message: the sqlite3 module
         gives the GIL up and takes it back for every row, which costs dearly while many
@@ -597,13 +600,13 @@ class Store(QueueOps):
             ids, lengths, offsets, blob = c.execute(BODIES_BETWEEN_ONE_ROW, params).one()
         if ids is None:
             return {}
-        result: dict[int, tuple[bytes, str | None]] = {}
-        view, at = memoryview(blob), 0
+        result: dict[int, tuple[bytes | memoryview, str | None]] = {}
+        view, at = memoryview(blob), 0  # (views: each body copied once, when it is sent)
         for message_id, length, dots in zip(
             str(ids).split(","), str(lengths).split(","), str(offsets).split("|"), strict=True
         ):
             end = at + int(length)
-            result[int(message_id)] = (bytes(view[at:end]), None if dots == "-" else dots)
+            result[int(message_id)] = (view[at:end], None if dots == "-" else dots)
             at = end
         return result
 

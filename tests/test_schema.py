@@ -77,12 +77,20 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
     with database.write() as s:
         s.execute(sql("INSERT INTO domains (name, kind, created_at) VALUES ('example.org', 'local', CURRENT_TIMESTAMP)"))
         s.execute(sql("INSERT INTO accounts (address, domain_id, password_hash, enabled, created_at) VALUES ('ann@example.org', 1, 'x', :t, CURRENT_TIMESTAMP)"), {"t": True})
-        s.execute(sql("INSERT INTO messages (account_id, uid, sender, size, body, received_at, seen) VALUES (1, 'u1', '', 9, :b, CURRENT_TIMESTAMP, :f)"), {"b": b".a\r\n.b\r\n", "f": False})
+        for uid, body in (("u1", b".a\r\n.b\r\n"), ("u2", b"c\r\n.\r\n")):
+            s.execute(
+                sql("INSERT INTO messages (account_id, uid, sender, size, body, received_at, seen) VALUES (1, :u, '', :n, :b, CURRENT_TIMESTAMP, :f)"),
+                {"u": uid, "n": len(body), "b": body, "f": False},
+            )
     assert dbmod.upgrade(database) == "0002"
     store = Store(database)
-    ((body, offsets),) = store.read_bodies(1, [m.id for m in store.snapshot(1)]).values()
-    assert offsets is None
-    assert b"".join(dot_stuff_parts(body, offsets)) == dot_stuff(body) == b"..a\r\n..b\r\n.\r\n"
+    ids = [m.id for m in store.snapshot(1)]
+    for wanted in (ids[:1], ids):  # one message alone, and a batch (on SQLite read as one value)
+        bodies = store.read_bodies(1, wanted)
+        assert [offsets for _, offsets in bodies.values()] == [None] * len(wanted)
+        stuffed = [b"".join(dot_stuff_parts(body, offsets)) for body, offsets in bodies.values()]
+        assert stuffed == [b"..a\r\n..b\r\n.\r\n", b"c\r\n..\r\n.\r\n"][: len(wanted)]
+        assert stuffed[0] == dot_stuff(bytes(bodies[ids[0]][0]))
     database.dispose()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -293,3 +294,49 @@ def test_stop_closes_sessions(serve):
     for c in clients:
         assert c.closed()
         c.close()
+
+
+class _RecordingSocket:
+    """A real socket whose sendall calls are seen (the writer's fallback)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fell_back = threading.Event()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def sendall(self, data) -> None:
+        self.fell_back.set()
+        self.sock.sendall(data)
+
+
+def test_session_writer_sends_what_the_socket_takes_then_waits_for_the_rest():
+    """A reply larger than the socket buffer: the quick send takes part, sendall the rest
+    once the reader reads, and the reader gets every octet once, in order."""
+    from mailsrv.server import QUICK_SEND_MAX, _SessionWriter
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = bytes(range(256)) * (QUICK_SEND_MAX // 256)
+    recording = _RecordingSocket(ours)
+    writer = threading.Thread(target=_SessionWriter(recording).write, args=(payload,))
+    writer.start()
+    assert recording.fell_back.wait(10)  # nothing read yet: the quick send cannot take it all
+    received = bytearray()
+    while len(received) < len(payload):
+        received += theirs.recv(65536)
+    writer.join()
+    assert received == payload
+    ours.close()
+    theirs.close()
+
+
+def test_session_writer_reports_a_vanished_peer():
+    from mailsrv.server import _SessionWriter
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with pytest.raises(OSError):
+        _SessionWriter(ours).write(b"+OK nobody listens\r\n")
+    ours.close()

@@ -90,7 +90,7 @@ class Pop3Handler(LineHandler):
         self.holder = lock_holder(f"pop3-{id(self):x}")
         self.lock_ttl = self.idle_timeout() + 60
         self.lock_renewed = 0.0
-        self.cache: dict[int, bytes] = {}
+        self.cache: dict[int, tuple[bytes | memoryview, str | None]] = {}
         self.timestamp = ""
         if self.config.auth.cram_md5:
             self.timestamp = authmod.new_challenge(self.context.hostname)
@@ -286,7 +286,7 @@ class Pop3Handler(LineHandler):
     def cmd_UIDL(self, arg: str) -> None:
         self.listing(arg, "uid", "unique-id listing follows")
 
-    def body(self, n: int, message: MessageInfo) -> tuple[bytes, str | None]:
+    def body(self, n: int, message: MessageInfo) -> tuple[bytes | memoryview, str | None]:
         """A message's stored text and dot-line offsets, read ahead with the next ones up
         to READ_AHEAD octets."""
         body = self.cache.pop(message.id, None)
@@ -314,8 +314,9 @@ class Pop3Handler(LineHandler):
         if not is_decimal(parts[1]):
             raise ProtocolError("-ERR invalid number of lines")
         body, offsets = self.cache[message.id] = self.body(n, message)  # TOP keeps it cached
-        head = top(body, int(parts[1]))
-        stuffed = dot_stuff_parts(body, offsets) if head is body else dot_stuff_parts(head)
+        text = bytes(body)
+        head = top(text, int(parts[1]))
+        stuffed = dot_stuff_parts(text, offsets) if head is text else dot_stuff_parts(head)
         self.send_parts([b"+OK top of message follows\r\n", *stuffed])
 
     def cmd_DELE(self, arg: str) -> None:
