@@ -1,6 +1,6 @@
 """POP3: mailsrv and Dovecot side by side in one run, on the same machine and load.
 
-    python bench/pop3.py [--seconds 5] [--rounds 1] [--idle 2000] [--only mailsrv]
+    python bench/pop3.py [--seconds 5] [--rounds 1] [--idle 2000] [--only mailsrv] [--figure "RETR"]
 
 Dovecot (Debian `dovecot-pop3d`) is set up by this script on a loopback port with its own
 standalone config, the same users, bcrypt hashes of the same cost (10) and the same
@@ -352,6 +352,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each timed figure (the median is printed)")
     parser.add_argument("--idle", type=int, default=2000, help="idle logged-in sessions")
     parser.add_argument("--only", choices=("mailsrv", "dovecot"))
+    parser.add_argument("--figure", action="append", default=[],
+                        help="time only the figures whose name holds this text (repeatable; --idle 0 skips the idle figure)")
     args = parser.parse_args()
     raise_fd_limit(args.idle * 3 + 2000)
     servers = []
@@ -370,6 +372,8 @@ def main() -> None:
                 timed.append((f"RETR MB/s, {label}, {c} clients",
                               lambda srv, c=c, prefix=prefix, count=count: retr_mb_per_second(srv, c, prefix, count, args.seconds)))
         timed.append(("10,000-message login+STAT+LIST+UIDL, s", big_mailbox_seconds))
+        if args.figure:
+            timed = [(key, measure) for key, measure in timed if any(f in key for f in args.figure)]
         runs: dict[str, dict[str, list[float]]] = {}
         for round_ in range(args.rounds):  # the servers take turns, so both see the same machine
             for key, measure in timed:
@@ -378,11 +382,12 @@ def main() -> None:
                     runs.setdefault(server.name, {}).setdefault(key, []).append(value)
                     print(f"  round {round_ + 1}, {server.name}: {key}: {value:.2f}", flush=True)
         results = {name: {key: statistics.median(v) for key, v in figures.items()} for name, figures in runs.items()}
-        for server in servers:
+        for server in servers if args.idle else ():
             memory, p50, p99, held = idle_sessions(server, args.idle)
-            results[server.name][f"{held} idle sessions: memory MiB"] = memory
-            results[server.name][f"{held} idle sessions: NOOP p50 ms"] = p50
-            results[server.name][f"{held} idle sessions: NOOP p99 ms"] = p99
+            figures = results.setdefault(server.name, {})
+            figures[f"{held} idle sessions: memory MiB"] = memory
+            figures[f"{held} idle sessions: NOOP p50 ms"] = p50
+            figures[f"{held} idle sessions: NOOP p99 ms"] = p99
             print(f"  {server.name}: idle sessions done", flush=True)
     finally:
         for server in servers:
