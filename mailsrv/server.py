@@ -15,6 +15,9 @@ may override (the extension points, as socketserver's ``BaseServer`` lists its o
   space (never None). Raise :class:`ProtocolError` with the reply to refuse.
 - ``MAX_LINE``: longest command line accepted, line end included. A longer line is read
   up to the limit + 1, answered with ``REPLY_TOO_LONG`` and the rest drained unbuffered.
+- ``READ_BUFFER``: the size of a plain session's read buffer. Every open session keeps
+  one, so protocols of short command lines keep it small; one that reads message text
+  (MPP) wants it large, for fewer reads.
 - ``MAX_BAD_COMMANDS``: unknown, wrong-state, malformed or overlong commands allowed
   before the session is closed with ``REPLY_TOO_MANY_ERRORS``.
 - ``idle_timeout()``: seconds of client silence before ``REPLY_TIMEOUT`` and hang-up.
@@ -55,8 +58,6 @@ if TYPE_CHECKING:
 THREAD_STACK_SIZE = 512 * 1024
 #: how much of an overlong line is read and dropped before the client is given up on
 MAX_DRAIN = 1024 * 1024
-#: the read buffer of a session
-RBUFSIZE = 8192
 #: most buffers one sendmsg() takes (POSIX IOV_MAX on Linux)
 IOV_MAX = 1024
 #: replies up to this size are first offered to the kernel without giving up the GIL
@@ -333,6 +334,7 @@ class LineHandler(socketserver.StreamRequestHandler):
     STATES: ClassVar[dict[str, frozenset[str]]] = {}
     INITIAL_STATE: ClassVar[str] = ""
     MAX_LINE: ClassVar[int] = 512
+    READ_BUFFER: ClassVar[int] = 1024
     MAX_BAD_COMMANDS: ClassVar[int] = 10
 
     REFUSAL: ClassVar[str] = "too many connections"
@@ -389,7 +391,7 @@ class LineHandler(socketserver.StreamRequestHandler):
             super().setup()
         else:
             set_kernel_timeout(self.connection, self.idle_timeout())
-            self.rfile = io.BufferedReader(_SocketReader(self.connection), RBUFSIZE)
+            self.rfile = io.BufferedReader(_SocketReader(self.connection), self.READ_BUFFER)
             self.wfile = _SessionWriter(self.connection)
         self._ready = True
 

@@ -81,6 +81,7 @@ class MppHandler(LineHandler):
         REFUSED: frozenset({"NOOP", "QUIT"}),
     }
     MAX_BAD_COMMANDS = 20
+    READ_BUFFER = 8192  # the message text is read through it (peek), a chunk at a time
 
     REFUSAL = "451 Local error encountered: too many connections, try again later."
     REPLY_UNKNOWN = "500 Command unrecognized."
