@@ -26,6 +26,7 @@ from pathlib import Path
 from . import db as dbmod
 from .auth import Authenticator
 from .config import Config
+from .cpu import pin_to_one_cpu
 from .delivery.bounce import build_bounce
 from .delivery.worker import DeliveryPool
 from .message import posting_recipients, split_header
@@ -209,6 +210,10 @@ class App:
     def serve(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
         tune_malloc()
+        if self.config.server.pin_cpu:  # (before any thread starts: they all inherit it)
+            cpu = pin_to_one_cpu()
+            if cpu is not None:
+                log.info("threads kept on CPU %d ([server] pin_cpu)", cpu)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stop.set())
         self.start()

@@ -38,6 +38,7 @@ class ServerConfig:
     log_level: str = "info"
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    pin_cpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ PARSERS: dict[str, dict[str, Any]] = {
         "log_level": _choice("debug", "info", "warning", "error"),
         "max_connections": _positive_int,
         "max_connections_per_ip": _positive_int,
+        "pin_cpu": parse_bool,
     },
     "pop3": {
         "listen": parse_listen,

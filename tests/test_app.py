@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,40 @@ def test_root_binds_then_runs_as_the_configured_user():
             assert server.stop(signal.SIGTERM) == 0
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _thread_cpus(pid: int) -> dict[str, str]:
+    """Each thread of the process -> its Cpus_allowed_list."""
+    cpus = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus[task.name] = line.split(":", 1)[1].strip()
+    return cpus
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("pin", ["yes", "no"])
+def test_pin_cpu_keeps_the_session_threads_on_one_cpu(tmp_path, pin):
+    """pin_cpu = yes: every thread on the highest CPU but the one password-check thread a
+    login started, which runs on all of them; pin_cpu = no: every thread on all of them."""
+    conf = shipped_config_on_ephemeral_ports(tmp_path)
+    conf.write_text(conf.read_text().replace("pin_cpu = yes", f"pin_cpu = {pin}"))
+    assert mailsrv(conf, "domain", "add", "example.org").returncode == 0
+    assert mailsrv(conf, "user", "add", "ann@example.org", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    server = Served(conf)
+    try:
+        session = pop3_login(server.addresses["pop3"])  # (a session thread, and a check)
+        cpus = list(_thread_cpus(server.proc.pid).values())
+        session.ask("QUIT")
+        everything = _thread_cpus(os.getpid())[str(threading.get_native_id())]
+        highest = str(max(os.sched_getaffinity(0)))
+        if pin == "yes":
+            assert sorted(set(cpus)) == sorted({highest, everything})
+            assert cpus.count(everything) == 1
+            assert any(f"threads kept on CPU {highest}" in line for line in server.log)
+        else:
+            assert set(cpus) == {everything}
+            assert not any("threads kept on CPU" in line for line in server.log)
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
