@@ -1,6 +1,7 @@
 """POP3: mailsrv and Dovecot side by side in one run, on the same machine and load.
 
     python bench/pop3.py [--seconds 5] [--rounds 1] [--idle 2000] [--only mailsrv] [--figure "RETR"]
+                         [--set server.pin_cpu=no]
 
 Dovecot (Debian `dovecot-pop3d`) is set up by this script on a loopback port with its own
 standalone config, the same users, bcrypt hashes of the same cost (10) and the same
@@ -72,8 +73,11 @@ def make_message(index: int, size: int) -> bytes:
 
 
 class Mailsrv(MailsrvWithStore):
-    def __init__(self, folder: Path):
-        super().__init__(folder, DOMAIN, delivery={"workers": "0"})
+    def __init__(self, folder: Path, settings: dict[str, dict[str, str]] | None = None):
+        sections = {"delivery": {"workers": "0"}}
+        for section, keys in (settings or {}).items():
+            sections.setdefault(section, {}).update(keys)
+        super().__init__(folder, DOMAIN, **sections)
 
     def add_users(self, names: list[str], cost: int) -> None:
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
@@ -352,6 +356,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each timed figure (the median is printed)")
     parser.add_argument("--idle", type=int, default=2000, help="idle logged-in sessions")
     parser.add_argument("--only", choices=("mailsrv", "dovecot"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a mailsrv.conf setting for mailsrv (repeatable), e.g. server.pin_cpu=no")
     parser.add_argument("--figure", action="append", default=[],
                         help="time only the figures whose name holds this text (repeatable; --idle 0 skips the idle figure)")
     args = parser.parse_args()
@@ -359,7 +365,12 @@ def main() -> None:
     servers = []
     try:
         if args.only != "dovecot":
-            servers.append(Mailsrv(temp_folder("bench-mailsrv-")))
+            settings: dict[str, dict[str, str]] = {}
+            for item in args.set:
+                name, _, value = item.partition("=")
+                section, _, key = name.partition(".")
+                settings.setdefault(section, {})[key] = value
+            servers.append(Mailsrv(temp_folder("bench-mailsrv-"), settings))
         if args.only != "mailsrv":
             servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port()))
         for server in servers:
