@@ -87,8 +87,8 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
     ids = [m.id for m in store.snapshot(1)]
     for wanted in (ids[:1], ids):  # one message alone, and a batch (on SQLite read as one value)
         bodies = store.read_bodies(1, wanted)
-        assert [offsets for _, offsets in bodies.values()] == [None] * len(wanted)
-        stuffed = [b"".join(dot_stuff_parts(body, offsets)) for body, offsets in bodies.values()]
+        assert [bodies[i][1] for i in wanted] == [None] * len(wanted)
+        stuffed = [b"".join(dot_stuff_parts(*bodies[i])) for i in wanted]
         assert stuffed == [b"..a\r\n..b\r\n.\r\n", b"c\r\n..\r\n.\r\n"][: len(wanted)]
         assert stuffed[0] == dot_stuff(bytes(bodies[ids[0]][0]))
     database.dispose()
