@@ -253,7 +253,7 @@ class Database:
             connection.invalidate()  # (back to the pool, closed): fresh ones next time
             for kept, _ in self._take_kept():  # (they may have lost their server as well)
                 kept.invalidate()
-            raise DatabaseUnavailable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+            raise DatabaseUnavailable(_describe(exc)) from exc
         except BaseException:
             connection.close()
             raise
@@ -436,7 +436,10 @@ class _NoLock:
 
 
 def _describe(exc: Exception) -> str:
-    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    """The first line of a database error (the driver's, under SQLAlchemy's wrapper), or
+    its type where it says nothing."""
+    cause = getattr(exc, "orig", None) or exc
+    return (str(cause).splitlines() or [type(cause).__name__])[0]
 
 
 def _configure_sqlite(engine: Engine) -> None:
