@@ -319,6 +319,12 @@ def _recipient_rows(queue_id: int, recipients: Sequence[str], now: datetime) -> 
     ]
 
 
+def _needing_body(outcomes: Iterable[Outcome]) -> set[int]:
+    """The queued messages whose body these outcomes need: a delivery copies it, a
+    failure quotes it in the bounce (and both may leave the message done with)."""
+    return {o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")}
+
+
 def _queue_bodies_in(c, queue_ids: Iterable[int]) -> dict[int, bytes]:
     wanted = list(set(queue_ids))
     if not wanted:
@@ -409,7 +415,7 @@ class QueueOps:
             if not due:
                 return 0, []
             outcomes = decide(due, Lookup(c))
-            bodies = _queue_bodies_in(c, (o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")))
+            bodies = _queue_bodies_in(c, _needing_body(outcomes))
         with self.db.write_core() as c:
             return len(due), self._settle_in(c, None, outcomes, local_copy, bounce, utcnow(), bodies)
 
@@ -443,7 +449,7 @@ class QueueOps:
         without, each only while its recipient is still due (see :meth:`deliver_due`)."""
         applied: list[Outcome] = []
         if bodies is None:
-            bodies = _queue_bodies_in(s, (o.claimed.queue_id for o in outcomes if o.action in ("deliver", "fail")))
+            bodies = _queue_bodies_in(s, _needing_body(outcomes))
         statement = SETTLE_DUE if owner is None else SETTLE_LEASED
         for outcome in outcomes:
             c = outcome.claimed
@@ -476,7 +482,7 @@ class QueueOps:
             text = bounce(items[0].claimed, items, bodies[queue_id])
             if text is not None:
                 self._enqueue_in(s, "", text, [items[0].claimed.sender], "bounce", None, now)
-        for queue_id in {o.claimed.queue_id for o in applied if o.action in ("deliver", "fail")}:
+        for queue_id in _needing_body(applied):
             if not s.scalar(PENDING_RECIPIENTS, {"queue_id": queue_id}):  # every recipient done
                 s.execute(CUT_BODY, {"queue_id": queue_id, "header": header_of(bodies[queue_id])})
         return applied
