@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -78,6 +78,7 @@ class Database:
         self._writer = threading.Lock() if self.dialect == "sqlite" else _NoLock()
         dbapi = self.engine.dialect.loaded_dbapi
         self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
+        self._integrity_error = dbapi.IntegrityError
         self._prepared: dict = {}
         self._raw_idle: list[tuple] = []  # (connection, idle since) kept by _raw_checkin
         self._group: list[_Grouped] = []  # works waiting for write_grouped's next turn
@@ -147,7 +148,8 @@ class Database:
     @contextmanager
     def write_raw(self, durable: bool = True) -> Iterator[Raw]:
         """:meth:`write` on the driver's own connection (see :class:`Raw`): for the few
-        statements on the paths every message takes."""
+        statements on the paths every message or login takes. Errors are raised as
+        :meth:`write` raises them: DatabaseUnavailable, or SQLAlchemy's IntegrityError."""
         with self._writer_turn(), self._raw(write=True, durable=durable) as raw:
             yield raw
 
@@ -254,6 +256,9 @@ class Database:
             for kept, _ in self._take_kept():  # (they may have lost their server as well)
                 kept.invalidate()
             raise DatabaseUnavailable(_describe(exc)) from exc
+        except self._integrity_error as exc:  # raised as write() would: SQLAlchemy's
+            connection.close()
+            raise IntegrityError(None, None, exc) from exc
         except BaseException:
             connection.close()
             raise
@@ -364,7 +369,8 @@ class Raw:
     """A transaction on the driver's own connection.
 
     SQLAlchemy's execution layer costs about 0.1 ms a statement in Python; on the paths
-    every message takes (posting, delivery) that was most of the work. A :class:`Raw`
+    every message or login takes (posting, delivery, a POP3 session's login and QUIT) that
+    was most of the work. A :class:`Raw`
     runs Core statements compiled once per database (:meth:`Database.prepared`) straight
     on the driver's cursor, and offers the part of ``Connection`` those paths use:
     ``execute`` (a list of parameter sets: executemany) and ``scalar``, with results

@@ -296,6 +296,29 @@ INSERT_RECIPIENT = insert(QueueRecipient)
 STATE_AFTER = {"deliver": "delivered", "forward": "delivered", "hold": "held", "retry": "queued", "fail": "failed"}
 
 
+#: the statements of a maildrop session (login, UPDATE state, lock upkeep), run as Raw
+#: transactions; SQLite compiles FOR UPDATE to nothing (its write transaction locks all)
+LOCK_OF = (
+    select(MaildropLock.holder, MaildropLock.expires_at)
+    .where(MaildropLock.account_id == bindparam("account"))
+    .with_for_update()
+)
+DROP_LOCK = delete(MaildropLock).where(MaildropLock.account_id == bindparam("account"))
+INSERT_LOCK = insert(MaildropLock)
+_OUR_LOCK = (MaildropLock.account_id == bindparam("account"), MaildropLock.holder == bindparam("holder"))
+RELEASE_LOCK = delete(MaildropLock).where(*_OUR_LOCK)
+RENEW_LOCK = update(MaildropLock).where(*_OUR_LOCK).values(expires_at=bindparam("expires"))
+MARK_LOGIN = update(Account).where(Account.id == bindparam("account")).values(last_login_at=bindparam("now"))
+SNAPSHOT = (
+    select(Message.id, Message.uid, Message.size, Message.seen)
+    .where(Message.account_id == bindparam("account"))
+    .order_by(Message.id)
+)
+_ONE_MESSAGE = (Message.account_id == bindparam("account"), Message.id == bindparam("id"))
+DELETE_MESSAGE = delete(Message).where(*_ONE_MESSAGE)
+MARK_SEEN = update(Message).where(*_ONE_MESSAGE).values(seen=True)
+
+
 #: recipients of a queued message that are not done with yet
 PENDING_RECIPIENTS = select(func.count(QueueRecipient.id)).where(
     QueueRecipient.queue_id == bindparam("queue_id"), QueueRecipient.state.not_in(("delivered", "failed"))
@@ -550,28 +573,22 @@ class Store(QueueOps):
 
     def find_account(self, address: str) -> AccountInfo | None:
         """The account with this address (any case), enabled or not; None if there is none."""
-        with self.db.read_core() as c:
-            row = c.execute(
-                select(*ACCOUNT_COLUMNS).where(Account.address == address.strip().lower())
-            ).first()
+        with self.db.read_raw() as c:
+            row = c.execute(Lookup.ACCOUNT, {"address": address.strip().lower()}).first()
             return AccountInfo(*row) if row else None
 
     def record_login(self, account_id: int) -> None:
         """Set ``last_login_at`` to now."""
-        with self.db.write(durable=False) as s:
-            s.execute(update(Account).where(Account.id == account_id).values(last_login_at=utcnow()))
+        with self.db.write_raw(durable=False) as c:
+            c.execute(MARK_LOGIN, {"account": account_id, "now": utcnow()})
 
     # --- maildrops -------------------------------------------------------------------
 
     def snapshot(self, account_id: int) -> list[MessageInfo]:
         """The account's messages in arrival order (id ascending): ids, uids, sizes; no bodies."""
-        with self.db.read_core() as c:
-            rows = c.execute(
-                select(Message.id, Message.uid, Message.size, Message.seen)
-                .where(Message.account_id == account_id)
-                .order_by(Message.id)
-            )
-            return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
+        with self.db.read_raw() as c:
+            rows = c.execute(SNAPSHOT, {"account": account_id}).all()
+        return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def read_body(self, account_id: int, message_id: int) -> bytes | None:
         """The stored message (CRLF line ends, not byte-stuffed); None if it is gone."""
@@ -682,40 +699,36 @@ class Store(QueueOps):
         taken over. The lock is valid across processes and hosts (it is a row).
         """
         try:
-            with self.db.write(durable=False) as s:
-                return self._take_lock(s, account_id, holder, ttl)
+            with self.db.write_raw(durable=False) as c:
+                return self._take_lock(c, account_id, holder, ttl)
         except IntegrityError:
             return False  # another session inserted it first (PostgreSQL)
 
     @staticmethod
-    def _take_lock(s, account_id: int, holder: str, ttl: float) -> bool:
+    def _take_lock(c, account_id: int, holder: str, ttl: float) -> bool:
         now = utcnow()
-        current = s.get(MaildropLock, account_id, with_for_update=True)
+        current = c.execute(LOCK_OF, {"account": account_id}).first()
         if current is not None:
-            if current.expires_at > now and not holder_is_dead(current.holder):
+            if current[1] > now and not holder_is_dead(current[0]):
                 return False
-            s.delete(current)
-            s.flush()
-        s.add(MaildropLock(account_id=account_id, holder=holder, expires_at=now + timedelta(seconds=ttl)))
-        s.flush()
+            c.execute(DROP_LOCK, {"account": account_id})
+        c.execute(
+            INSERT_LOCK, {"account_id": account_id, "holder": holder, "expires_at": now + timedelta(seconds=ttl)}
+        )
         return True
 
     def open_maildrop(self, account_id: int, holder: str, ttl: float) -> list[MessageInfo] | None:
         """Log in to a maildrop: take its lock, note the login time, and return the snapshot
         (as :meth:`snapshot`), all in one transaction. None when the lock is held."""
         try:
-            with self.db.write(durable=False) as s:
-                if not self._take_lock(s, account_id, holder, ttl):
+            with self.db.write_raw(durable=False) as c:
+                if not self._take_lock(c, account_id, holder, ttl):
                     return None
-                s.execute(update(Account).where(Account.id == account_id).values(last_login_at=utcnow()))
-                rows = s.execute(
-                    select(Message.id, Message.uid, Message.size, Message.seen)
-                    .where(Message.account_id == account_id)
-                    .order_by(Message.id)
-                )
-                return [MessageInfo(r.id, r.uid, r.size, bool(r.seen)) for r in rows]
+                c.execute(MARK_LOGIN, {"account": account_id, "now": utcnow()})
+                rows = c.execute(SNAPSHOT, {"account": account_id}).all()
         except IntegrityError:
             return None
+        return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def close_maildrop(
         self, account_id: int, holder: str, delete_ids: Iterable[int], seen_ids: Iterable[int]
@@ -726,42 +739,25 @@ class Store(QueueOps):
         delete_ids = sorted(set(delete_ids))
         seen_ids = sorted(set(seen_ids) - set(delete_ids))
         removed = 0
-        with self.db.write(durable=bool(delete_ids)) as s:
-            for chunk in _chunks(delete_ids):
-                removed += s.execute(
-                    delete(Message).where(Message.account_id == account_id, Message.id.in_(chunk))
-                ).rowcount
-            for chunk in _chunks(seen_ids):
-                s.execute(
-                    update(Message)
-                    .where(Message.account_id == account_id, Message.id.in_(chunk))
-                    .values(seen=True)
-                )
-            s.execute(
-                delete(MaildropLock).where(
-                    MaildropLock.account_id == account_id, MaildropLock.holder == holder
-                )
-            )
+        with self.db.write_raw(durable=bool(delete_ids)) as c:
+            # one statement per message, run as one executemany (its rowcount is the sum)
+            if delete_ids:
+                removed = c.execute(DELETE_MESSAGE, [{"account": account_id, "id": i} for i in delete_ids]).rowcount
+            if seen_ids:
+                c.execute(MARK_SEEN, [{"account": account_id, "id": i} for i in seen_ids])
+            c.execute(RELEASE_LOCK, {"account": account_id, "holder": holder})
         return removed
 
     def renew_lock(self, account_id: int, holder: str, ttl: float) -> bool:
         """Extend our lock by ``ttl`` seconds from now; False if we no longer hold it."""
-        with self.db.write(durable=False) as s:
-            result = s.execute(
-                update(MaildropLock)
-                .where(MaildropLock.account_id == account_id, MaildropLock.holder == holder)
-                .values(expires_at=utcnow() + timedelta(seconds=ttl))
-            )
-            return result.rowcount == 1
+        with self.db.write_raw(durable=False) as c:
+            expires = utcnow() + timedelta(seconds=ttl)
+            return c.execute(RENEW_LOCK, {"account": account_id, "holder": holder, "expires": expires}).rowcount == 1
 
     def release_lock(self, account_id: int, holder: str) -> None:
         """Drop our lock (nothing happens if it is not ours any more)."""
-        with self.db.write(durable=False) as s:
-            s.execute(
-                delete(MaildropLock).where(
-                    MaildropLock.account_id == account_id, MaildropLock.holder == holder
-                )
-            )
+        with self.db.write_raw(durable=False) as c:
+            c.execute(RELEASE_LOCK, {"account": account_id, "holder": holder})
 
     def release_dead_locks(self) -> int:
         """Remove the locks of dead processes of this host; return how many."""

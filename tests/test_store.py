@@ -249,3 +249,58 @@ def test_raw_connection_that_lost_its_server_is_replaced(database, db_url, monke
     terminate(backend())
     with database.write_raw() as c:  # pinged by the pool, replaced, never failing
         assert c.scalar(select(literal(1))) == 1
+
+
+def test_raw_constraint_error_is_sqlalchemys_and_rolls_back(store, database, accounts):
+    """A constraint broken in a raw transaction raises SQLAlchemy's IntegrityError, as
+    Database.write does (the maildrop lock relies on it), and leaves nothing behind."""
+    from sqlalchemy.exc import IntegrityError
+
+    from mailsrv.store import INSERT_LOCK
+
+    ann = accounts["ann"].id
+    assert store.acquire_lock(ann, lock_holder("one"), 60)
+    with pytest.raises(IntegrityError), database.write_raw() as c:
+        c.execute(INSERT_LOCK, {"account_id": accounts["bob"].id, "holder": "x", "expires_at": None})
+        c.execute(INSERT_LOCK, {"account_id": ann, "holder": "x", "expires_at": None})  # ann's is there
+    with database.read() as s:
+        assert s.execute(text("SELECT account_id, holder FROM maildrop_locks")).all() == [(ann, lock_holder("one"))]
+    assert store.acquire_lock(accounts["bob"].id, lock_holder("one"), 60)  # still usable
+
+
+def test_login_that_loses_the_lock_race_is_told_in_use(store, database, accounts, db_url):
+    """PostgreSQL: two logins to one maildrop at once both find no lock row (FOR UPDATE
+    locks nothing that is not there); the second one's insert waits for the first to
+    commit, then breaks the key. That login gets None (IN-USE), not an error."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite write transactions never overlap")
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from mailsrv.models import utcnow
+    from mailsrv.store import INSERT_LOCK
+
+    ann = accounts["ann"].id
+    store.deliver_local(ann, b"x\r\n")
+    got: list = []
+    with database.write_raw(durable=False) as c:  # the first login, not yet committed
+        c.execute(INSERT_LOCK, {"account_id": ann, "holder": lock_holder("first"), "expires_at": utcnow()})
+        second = threading.Thread(target=lambda: got.append(store.open_maildrop(ann, lock_holder("second"), 60)))
+        second.start()
+        watcher = create_engine(db_url)
+        try:
+            with watcher.connect() as w:  # until the second login waits on our row lock
+                for _ in range(10_000):
+                    waiting = w.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
+                    )).scalar()
+                    w.rollback()
+                    if waiting or not second.is_alive():
+                        break
+                assert waiting == 1
+        finally:
+            watcher.dispose()
+    second.join(30)
+    assert got == [None]
