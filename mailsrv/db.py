@@ -368,11 +368,12 @@ class _Prepared:
 class Raw:
     """A transaction on the driver's own connection.
 
-    SQLAlchemy's execution layer costs about 0.1 ms a statement in Python; on the paths
-    every message or login takes (posting, delivery, a POP3 session's login and QUIT) that
-    was most of the work. A :class:`Raw`
-    runs Core statements compiled once per database (:meth:`Database.prepared`) straight
-    on the driver's cursor, and offers the part of ``Connection`` those paths use:
+    SQLAlchemy's execution layer costs about 0.1 ms a statement in Python (with a new
+    statement object each time, far more); on the paths every message or login takes
+    (posting, delivery, a maildrop session's login and QUIT) that was most of the work. A
+    :class:`Raw` runs Core statements compiled once per database
+    (:meth:`Database.prepared`) straight on the driver's cursor, and offers the part of
+    ``Connection`` those paths use:
     ``execute`` (a list of parameter sets: executemany) and ``scalar``, with results
     offering ``first``, ``one``, ``scalar_one``, ``all``, iteration and ``rowcount``.
     """
