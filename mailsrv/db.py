@@ -228,12 +228,7 @@ class Database:
             cursor = connection.cursor()
             sqlite = self.dialect == "sqlite"
             if sqlite:
-                if write:
-                    synchronous = "FULL" if durable else "NORMAL"
-                    if connection.info.get("synchronous") != synchronous:
-                        cursor.execute(f"PRAGMA synchronous = {synchronous}")
-                        connection.info["synchronous"] = synchronous
-                cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                _sqlite_begin(cursor.execute, connection.info, write, durable)
             elif write and not durable:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
             try:
@@ -467,14 +462,20 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
         options = connection.get_execution_options()
-        if not options.get("mailsrv_write", False):
-            connection.exec_driver_sql("BEGIN")
-            return
-        synchronous = "FULL" if options.get("mailsrv_durable", True) else "NORMAL"
-        if connection.info.get("synchronous") != synchronous:
-            connection.exec_driver_sql(f"PRAGMA synchronous = {synchronous}")
-            connection.info["synchronous"] = synchronous
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        write = options.get("mailsrv_write", False)
+        _sqlite_begin(connection.exec_driver_sql, connection.info, write, options.get("mailsrv_durable", True))
+
+
+def _sqlite_begin(execute: Callable[[str], object], info: dict, write: bool, durable: bool) -> None:
+    """Begin an SQLite transaction: ``BEGIN IMMEDIATE`` for a write, after setting the
+    connection's ``synchronous`` for its durability (``info``: the pooled connection's
+    record, which remembers the setting); a plain ``BEGIN`` for a read."""
+    if write:
+        synchronous = "FULL" if durable else "NORMAL"
+        if info.get("synchronous") != synchronous:
+            execute(f"PRAGMA synchronous = {synchronous}")
+            info["synchronous"] = synchronous
+    execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def _configure_postgresql(engine: Engine) -> None:
