@@ -38,9 +38,6 @@ from .models import (
     utcnow,
 )
 
-#: how many ids go into one ``IN (...)`` list (SQLite's parameter limit is far above this)
-ID_CHUNK = 500
-
 
 class Refused(Exception):
     """An operation the store will not do; the text is a one-line reason."""
@@ -168,11 +165,6 @@ def _account_info(row: Account) -> AccountInfo:
         quota_bytes=row.quota_bytes,
         last_login_at=row.last_login_at,
     )
-
-
-def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
-    for start in range(0, len(ids), ID_CHUNK):
-        yield ids[start : start + ID_CHUNK]
 
 
 # --- the delivery queue ---------------------------------------------------------------
@@ -316,7 +308,7 @@ SNAPSHOT = (
 )
 _ONE_MESSAGE = (Message.account_id == bindparam("account"), Message.id == bindparam("id"))
 DELETE_MESSAGE = delete(Message).where(*_ONE_MESSAGE)
-MARK_SEEN = update(Message).where(*_ONE_MESSAGE).values(seen=True)
+SET_SEEN = update(Message).where(*_ONE_MESSAGE).values(seen=bindparam("seen"))
 
 
 #: recipients of a queued message that are not done with yet
@@ -587,8 +579,11 @@ class Store(QueueOps):
     def snapshot(self, account_id: int) -> list[MessageInfo]:
         """The account's messages in arrival order (id ascending): ids, uids, sizes; no bodies."""
         with self.db.read_raw() as c:
-            rows = c.execute(SNAPSHOT, {"account": account_id}).all()
-        return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
+            return self._snapshot_in(c, account_id)
+
+    @staticmethod
+    def _snapshot_in(c, account_id: int) -> list[MessageInfo]:
+        return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in c.execute(SNAPSHOT, {"account": account_id}).all()]
 
     def read_body(self, account_id: int, message_id: int) -> bytes | None:
         """The stored message (CRLF line ends, not byte-stuffed); None if it is gone."""
@@ -645,28 +640,28 @@ class Store(QueueOps):
 
     def delete_messages(self, account_id: int, ids: Iterable[int]) -> int:
         """Delete these messages of the account, all or none; return how many were there."""
-        ids = sorted(set(ids))
-        removed = 0
-        with self.db.write() as s:
-            for chunk in _chunks(ids):
-                result = s.execute(
-                    delete(Message).where(Message.account_id == account_id, Message.id.in_(chunk))
-                )
-                removed += result.rowcount
-        return removed
+        with self.db.write_raw() as c:
+            return self._delete_in(c, account_id, sorted(set(ids)))
 
     def set_seen(self, account_id: int, ids: Iterable[int], seen: bool = True) -> None:
         """Mark these messages retrieved (``seen``) or not."""
         ids = sorted(set(ids))
+        if ids:
+            with self.db.write_raw() as c:
+                self._set_seen_in(c, account_id, ids, seen)
+
+    @staticmethod
+    def _delete_in(c, account_id: int, ids: Sequence[int]) -> int:
+        """Delete these messages in the caller's transaction; return how many were there.
+        (One statement per message, run as one executemany, whose rowcount is the sum.)"""
         if not ids:
-            return
-        with self.db.write() as s:
-            for chunk in _chunks(ids):
-                s.execute(
-                    update(Message)
-                    .where(Message.account_id == account_id, Message.id.in_(chunk))
-                    .values(seen=seen)
-                )
+            return 0
+        return c.execute(DELETE_MESSAGE, [{"account": account_id, "id": i} for i in ids]).rowcount
+
+    @staticmethod
+    def _set_seen_in(c, account_id: int, ids: Sequence[int], seen: bool) -> None:
+        if ids:
+            c.execute(SET_SEEN, [{"account": account_id, "id": i, "seen": seen} for i in ids])
 
     def deliver_local(self, account_id: int, body: bytes, sender: str = "") -> int:
         """Put a message into the account's mailbox; return its id. Line ends are stored as
@@ -725,10 +720,9 @@ class Store(QueueOps):
                 if not self._take_lock(c, account_id, holder, ttl):
                     return None
                 c.execute(MARK_LOGIN, {"account": account_id, "now": utcnow()})
-                rows = c.execute(SNAPSHOT, {"account": account_id}).all()
+                return self._snapshot_in(c, account_id)
         except IntegrityError:
             return None
-        return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def close_maildrop(
         self, account_id: int, holder: str, delete_ids: Iterable[int], seen_ids: Iterable[int]
@@ -738,13 +732,9 @@ class Store(QueueOps):
         messages were deleted. If it raises, nothing changed (and the lock is still ours)."""
         delete_ids = sorted(set(delete_ids))
         seen_ids = sorted(set(seen_ids) - set(delete_ids))
-        removed = 0
         with self.db.write_raw(durable=bool(delete_ids)) as c:
-            # one statement per message, run as one executemany (its rowcount is the sum)
-            if delete_ids:
-                removed = c.execute(DELETE_MESSAGE, [{"account": account_id, "id": i} for i in delete_ids]).rowcount
-            if seen_ids:
-                c.execute(MARK_SEEN, [{"account": account_id, "id": i} for i in seen_ids])
+            removed = self._delete_in(c, account_id, delete_ids)
+            self._set_seen_in(c, account_id, seen_ids, True)
             c.execute(RELEASE_LOCK, {"account": account_id, "holder": holder})
         return removed
 
