@@ -25,8 +25,8 @@ import os
 
 log = logging.getLogger("mailsrv.cpu")
 
-#: (the CPUs the process may use, the one its threads are kept on), once pinned
-_pinned: tuple[frozenset[int], frozenset[int]] | None = None
+#: the CPUs the process may use, once its threads are pinned (None: they are not)
+_pinned: frozenset[int] | None = None
 
 
 def pin_to_one_cpu() -> int | None:
@@ -46,14 +46,14 @@ def pin_to_one_cpu() -> int | None:
     except OSError as exc:
         log.info("could not keep the threads on one CPU: %s", exc)
         return None
-    _pinned = (allowed, frozenset({cpu}))
+    _pinned = allowed
     return cpu
 
 
 def allowed_cpus() -> frozenset[int]:
     """The CPUs the process may use (all of them, also once its threads are pinned)."""
     if _pinned is not None:
-        return _pinned[0]
+        return _pinned
     try:
         return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -64,4 +64,4 @@ def use_every_cpu() -> None:
     """Let the calling thread run on every CPU the process may use (for long work without
     the GIL); nothing changes unless :func:`pin_to_one_cpu` pinned."""
     if _pinned is not None:
-        os.sched_setaffinity(0, _pinned[0])
+        os.sched_setaffinity(0, _pinned)
