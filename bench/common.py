@@ -158,7 +158,7 @@ class MailsrvWithStore:
         self.db = dbmod.Database(self.process.database)
         dbmod.upgrade(self.db)
         self.store = Store(self.db)
-        self.store.add_domain(domain)
+        self.store.directory.add_domain(domain)
 
     def stop(self) -> None:
         self.process.stop()

@@ -110,7 +110,7 @@ class Mailsrv(MailsrvWithStore):
         from mailsrv.auth import hash_password
 
         super().__init__(folder, DOMAIN)  # the shipped defaults: 2 delivery workers
-        self.account = self.store.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
+        self.account = self.store.directory.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
         self.process.start()
 
     def session(self, _client: int):
@@ -135,12 +135,12 @@ class Mailsrv(MailsrvWithStore):
         return post
 
     def count(self) -> int:
-        return self.store.mailbox_usage(self.account.id)[0]
+        return self.store.maildrops.mailbox_usage(self.account.id)[0]
 
     def readable(self) -> dict[str, float]:
         result = {}
-        for mid, _uid, _size, received, _seen, _sender in self.store.mailbox_list(f"{USER}@{DOMAIN}"):
-            body = self.store.read_body(self.account.id, mid)
+        for mid, _uid, _size, received, _seen, _sender in self.store.maildrops.mailbox_list(f"{USER}@{DOMAIN}"):
+            body = self.store.maildrops.read_body(self.account.id, mid)
             match = ID.search(body)
             result[f"{match.group(1).decode()}-{match.group(2).decode()}"] = received.replace(tzinfo=UTC).timestamp()
         return result

@@ -83,7 +83,7 @@ class Mailsrv(MailsrvWithStore):
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
         from mailsrv.models import Account
 
-        domain_id = self.store.list_domains()[0].id
+        domain_id = self.store.directory.list_domains()[0].id
         with self.db.write() as s:
             s.add_all(Account(address=f"{n}@{DOMAIN}", domain_id=domain_id, password_hash=hashed) for n in names)
 
@@ -92,7 +92,7 @@ class Mailsrv(MailsrvWithStore):
         from mailsrv.models import Message
         from mailsrv.store import new_uid
 
-        account = self.store.find_account(f"{name}@{DOMAIN}")
+        account = self.store.directory.find_account(f"{name}@{DOMAIN}")
         with self.db.write() as s:  # in bulk, as the store's delivery would write them
             s.add_all(
                 Message(account_id=account.id, uid=new_uid(), sender="", size=len(b), body=b,

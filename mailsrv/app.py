@@ -95,11 +95,11 @@ class App:
 
     def prepare_database(self) -> None:
         revision = dbmod.upgrade(self.db)
-        released = self.store.release_dead_locks()
+        released = self.store.maildrops.release_dead_locks()
         log.info("database ready at revision %s (%s)", revision, self.db.engine.url.render_as_string())
         if released:
             log.info("released %d maildrop lock(s) of dead processes", released)
-        taken = self.store.reclaim_dead_leases()
+        taken = self.store.leases.reclaim_dead_leases()
         if taken:
             log.info("took back %d delivery lease(s) of dead processes", taken)
 

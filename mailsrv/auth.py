@@ -154,7 +154,7 @@ class Authenticator:
         return self._checks.submit(self._check_plain, address, password).result()
 
     def _check_plain(self, address: str, password: str) -> AccountInfo | None:
-        account = self.store.find_account(address) if "@" in address else None
+        account = self.store.directory.find_account(address) if "@" in address else None
         if account is None or not account.enabled:
             check_password(password, self._dummy_hash)
             return None
@@ -162,7 +162,7 @@ class Authenticator:
 
     def check_cram(self, address: str, challenge: bytes, digest: str) -> AccountInfo | None:
         """The account if ``digest`` is the CRAM-MD5 answer to ``challenge``, else None."""
-        account = self.store.find_account(address) if "@" in address else None
+        account = self.store.directory.find_account(address) if "@" in address else None
         secret = account.cram_secret if account and account.enabled else None
         expected = cram_md5_digest(secret or self._dummy_hash, challenge)
         if hmac.compare_digest(expected, digest.strip().lower()) and secret:
@@ -171,7 +171,7 @@ class Authenticator:
 
     def check_apop(self, address: str, timestamp: str, digest: str) -> AccountInfo | None:
         """The account if ``digest`` is MD5(timestamp + secret), else None."""
-        account = self.store.find_account(address) if "@" in address else None
+        account = self.store.directory.find_account(address) if "@" in address else None
         secret = account.cram_secret if account and account.enabled else None
         expected = apop_digest(timestamp, secret or self._dummy_hash)
         if hmac.compare_digest(expected, digest.strip().lower()) and secret:

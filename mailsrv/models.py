@@ -8,6 +8,7 @@ PostgreSQL identity never goes back). Times are stored in UTC.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -170,7 +171,15 @@ class QueuedMessage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-RECIPIENT_STATES = ("queued", "held", "inflight", "delivered", "failed")
+class State(StrEnum):
+    """The state of a queued recipient (``queue_recipients.state``); the one list of them."""
+
+    QUEUED = "queued"  # waiting for a worker, from next_attempt_at on
+    HELD = "held"  # an ODMR domain's, waiting for the customer's ATRN (or held by hand)
+    INFLIGHT = "inflight"  # leased to lease_owner until lease_expires_at
+    DELIVERED = "delivered"  # done: in a mailbox, forwarded, or taken by the next hop
+    FAILED = "failed"  # done: bounced (or dropped, for a bounce that failed)
+
 
 
 class QueueRecipient(Base):
@@ -178,9 +187,7 @@ class QueueRecipient(Base):
 
     __tablename__ = "queue_recipients"
     __table_args__ = (
-        CheckConstraint(
-            "state IN ('queued', 'held', 'inflight', 'delivered', 'failed')", name="state"
-        ),
+        CheckConstraint("state IN ({})".format(", ".join(f"'{s}'" for s in State)), name="state"),
         Index("ix_queue_recipients_state_next_attempt_at", "state", "next_attempt_at"),
         NEVER_REUSED,
     )
@@ -191,7 +198,7 @@ class QueueRecipient(Base):
     )
     recipient: Mapped[str] = mapped_column(String(320))
     domain: Mapped[str] = mapped_column(String(255), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=State.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)

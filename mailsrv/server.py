@@ -131,7 +131,7 @@ class ServerContext:
         the workers of another process."""
         if self.delivery is not None:
             return self.delivery.post(sender, body, recipients, origin, account_id)
-        return self.store.enqueue(sender, body, recipients, origin, account_id)
+        return self.store.queue.enqueue(sender, body, recipients, origin, account_id)
 
 
 def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:

@@ -67,10 +67,10 @@ def store(database):
 @pytest.fixture
 def accounts(store):
     """Domain example.org with ann (also a CRAM-MD5 secret) and bob, password PASSWORD."""
-    store.add_domain("example.org")
+    store.directory.add_domain("example.org")
     hashed = hash_password(PASSWORD, 4)
-    ann = store.add_account("ann@example.org", hashed, cram_secret=PASSWORD)
-    bob = store.add_account("bob@example.org", hashed)
+    ann = store.directory.add_account("ann@example.org", hashed, cram_secret=PASSWORD)
+    bob = store.directory.add_account("bob@example.org", hashed)
     return {"ann": ann, "bob": bob}
 
 
@@ -191,8 +191,8 @@ def make_app(db_url, tmp_path, accounts):
 
 def deliver(store: Store, address: str, body: bytes, sender: str = "sender@example.net") -> int:
     """Put a message straight into a mailbox (the store's delivery function)."""
-    account = store.find_account(address)
-    return store.deliver_local(account.id, body, sender=sender)
+    account = store.directory.find_account(address)
+    return store.maildrops.deliver_local(account.id, body, sender=sender)
 
 
 @pytest.fixture

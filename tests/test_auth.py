@@ -39,7 +39,7 @@ def test_check_plain(authenticator, store):
     assert authenticator.check_plain("ANN@example.org", PASSWORD).address == "ann@example.org"
     assert authenticator.check_plain("ann@example.org", "wrong") is None
     assert authenticator.check_plain("nobody@example.org", PASSWORD) is None
-    store.set_enabled("ann@example.org", False)
+    store.directory.set_enabled("ann@example.org", False)
     assert authenticator.check_plain("ann@example.org", PASSWORD) is None
 
 
@@ -49,7 +49,7 @@ def test_unknown_and_disabled_users_cost_one_bcrypt_check(authenticator, store, 
     monkeypatch.setattr(authmod, "check_password", lambda pw, h: calls.append(h[:7].encode()) or real(pw, h))
     authenticator.check_plain("nobody@example.org", "x")
     authenticator.check_plain("no-at-sign", "x")
-    store.set_enabled("bob@example.org", False)
+    store.directory.set_enabled("bob@example.org", False)
     authenticator.check_plain("bob@example.org", PASSWORD)
     assert calls == [b"$2b$04$"] * 3  # the dummy hash has the configured cost
 

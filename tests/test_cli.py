@@ -176,8 +176,8 @@ def test_mailbox_list(run, db_url):
     from mailsrv.store import Store
 
     store = Store(database)
-    account = store.find_account("ann@example.org")
-    store.deliver_local(account.id, b"Subject: hi\r\n\r\nhello\r\n", sender="bob@example.org")
+    account = store.directory.find_account("ann@example.org")
+    store.maildrops.deliver_local(account.id, b"Subject: hi\r\n\r\nhello\r\n", sender="bob@example.org")
     database.dispose()
     status, out, _ = run("mailbox", "list", "ann@example.org")
     assert status == 0 and "bob@example.org" in out and " 22 " in out

@@ -16,7 +16,6 @@ from sqlalchemy import text
 
 from mailsrv.db import DatabaseUnavailable
 from mailsrv.delivery.worker import DeliveryPool, Worker
-from mailsrv.store import lock_holder
 
 from .conftest import PASSWORD, DatabaseBlocker, make_config
 from .test_app import Served, mailsrv, shipped_config_on_ephemeral_ports
@@ -47,32 +46,32 @@ def queue_bodies(database) -> list[tuple[bytes, int]]:
 
 
 def mailbox(store, address) -> list[bytes]:
-    account = store.find_account(address)
-    return [store.read_body(account.id, m.id) for m in store.snapshot(account.id)]
+    account = store.directory.find_account(address)
+    return [store.maildrops.read_body(account.id, m.id) for m in store.maildrops.snapshot(account.id)]
 
 
 def test_local_recipients_are_delivered_with_trace_fields(worker, store, database):
-    store.enqueue(ANN, b"Subject: hi\r\n\r\nhello\r\n", [BOB, ANN], "mpp")
+    store.queue.enqueue(ANN, b"Subject: hi\r\n\r\nhello\r\n", [BOB, ANN], "mpp")
     assert drain(worker) == 2
     assert states(database) == [(BOB, "delivered"), (ANN, "delivered")]
     (copy,) = mailbox(store, BOB)
     assert copy == f"Return-Path: <{ANN}>\r\nDelivered-To: {BOB}\r\n".encode() + b"Subject: hi\r\n\r\nhello\r\n"
-    assert store.snapshot(store.find_account(BOB).id)[0].size == len(copy)
+    assert store.maildrops.snapshot(store.directory.find_account(BOB).id)[0].size == len(copy)
     assert queue_bodies(database) == [(b"Subject: hi\r\n\r\n", 22)]  # done with: the header is kept
 
 
 def test_odmr_is_held_and_remote_is_left_queued(worker, store, database):
-    store.add_domain("customer.example", "odmr")
-    store.enqueue(ANN, b"x\r\n", ["x@customer.example", "y@remote.example"], "mpp")
+    store.directory.add_domain("customer.example", "odmr")
+    store.queue.enqueue(ANN, b"x\r\n", ["x@customer.example", "y@remote.example"], "mpp")
     drain(worker)
     assert states(database) == [("x@customer.example", "held"), ("y@remote.example", "queued")]
     assert drain(worker) == 0  # nothing left to do, no busy loop on the remote one
 
 
 def test_aliases_local_and_remote(worker, store, database):
-    store.add_alias("sales@example.org", BOB)
-    store.add_alias("fwd@example.org", "partner@remote.example")
-    qid = store.enqueue(ANN, b"x\r\n", ["sales@example.org", "fwd@example.org"], "mpp")
+    store.directory.add_alias("sales@example.org", BOB)
+    store.directory.add_alias("fwd@example.org", "partner@remote.example")
+    qid = store.queue.enqueue(ANN, b"x\r\n", ["sales@example.org", "fwd@example.org"], "mpp")
     drain(worker)
     assert len(mailbox(store, BOB)) == 1
     with database.read() as s:
@@ -85,15 +84,15 @@ def test_aliases_local_and_remote(worker, store, database):
 
 
 def test_alias_loop_fails(worker, store, database):
-    store.add_alias("a@example.org", "b@example.org")
-    store.add_alias("b@example.org", "a@example.org")
-    store.enqueue(ANN, b"Subject: loop\r\n\r\nx\r\n", ["a@example.org"], "mpp")
+    store.directory.add_alias("a@example.org", "b@example.org")
+    store.directory.add_alias("b@example.org", "a@example.org")
+    store.queue.enqueue(ANN, b"Subject: loop\r\n\r\nx\r\n", ["a@example.org"], "mpp")
     drain(worker)
     assert states(database)[0] == ("a@example.org", "failed")
 
 
 def test_unknown_local_recipient_bounces_rfc3464(worker, store, database):
-    store.enqueue(ANN, b"Subject: to nobody\r\nMessage-ID: <m1@x>\r\n\r\nx\r\n", ["nobody@example.org", "ghost@example.org", BOB], "mpp")
+    store.queue.enqueue(ANN, b"Subject: to nobody\r\nMessage-ID: <m1@x>\r\n\r\nx\r\n", ["nobody@example.org", "ghost@example.org", BOB], "mpp")
     drain(worker)
     bounces = mailbox(store, ANN)
     assert len(bounces) == 1  # one bounce per message
@@ -117,7 +116,7 @@ def test_unknown_local_recipient_bounces_rfc3464(worker, store, database):
 
 
 def test_no_bounce_for_empty_sender(worker, store, database):
-    store.enqueue("", b"x\r\n", ["nobody@example.org"], "smtp")
+    store.queue.enqueue("", b"x\r\n", ["nobody@example.org"], "smtp")
     drain(worker)
     assert states(database) == [("nobody@example.org", "failed")]
     with database.read() as s:
@@ -127,11 +126,11 @@ def test_no_bounce_for_empty_sender(worker, store, database):
 def test_quota(store, database, db_url, tmp_path, accounts):
     from mailsrv.auth import hash_password
 
-    store.add_account("tiny@example.org", hash_password("pw", 4), quota_bytes=1000)
+    store.directory.add_account("tiny@example.org", hash_password("pw", 4), quota_bytes=1000)
     worker = Worker(store, make_config(db_url, tmp_path), "q1")
-    store.enqueue(ANN, b"x" * 2000 + b"\r\n", ["tiny@example.org"], "mpp")  # can never fit
-    store.enqueue(ANN, b"y" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # fits
-    store.enqueue(ANN, b"z" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # box full now: retry later
+    store.queue.enqueue(ANN, b"x" * 2000 + b"\r\n", ["tiny@example.org"], "mpp")  # can never fit
+    store.queue.enqueue(ANN, b"y" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # fits
+    store.queue.enqueue(ANN, b"z" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # box full now: retry later
     drain(worker)
 
     def tiny_rows():
@@ -142,7 +141,7 @@ def test_quota(store, database, db_url, tmp_path, accounts):
     assert len(mailbox(store, ANN)) == 1  # the bounce for the one that can never fit
     # with a queue lifetime already over, the full-box message fails for good
     short = Worker(store, make_config(db_url, tmp_path, delivery={"queue_lifetime": 0.0, "workers": 1}), "q2")
-    store.queue_set_state(None, ("queued",), "queued")  # due now
+    store.queue_admin.flush()  # due now
     drain(short)
     assert tiny_rows()[-1] == ("failed", 2)
     assert len(mailbox(store, ANN)) == 2
@@ -158,8 +157,8 @@ def woken(pool: DeliveryPool) -> bool:
 
 
 def test_post_delivers_local_mailboxes_in_the_queuing_transaction(worker, store, database, db_url, tmp_path):
-    store.add_alias("sales@example.org", BOB)
-    store.add_alias("fwd@example.org", "partner@remote.example")
+    store.directory.add_alias("sales@example.org", BOB)
+    store.directory.add_alias("fwd@example.org", "partner@remote.example")
     pool = posted_pool(store, db_url, tmp_path)
     body = b"Subject: at once\r\n\r\nhello\r\n"
     recipients = [BOB, "sales@example.org", "fwd@example.org", "nobody@example.org", "y@remote.example"]
@@ -199,7 +198,7 @@ def test_post_delivers_local_mailboxes_in_the_queuing_transaction(worker, store,
 def test_post_keeps_the_quota_and_leaves_the_rest_to_the_workers(worker, store, database, db_url, tmp_path):
     from mailsrv.auth import hash_password
 
-    store.add_account("tiny@example.org", hash_password("pw", 4), quota_bytes=1000)
+    store.directory.add_account("tiny@example.org", hash_password("pw", 4), quota_bytes=1000)
     pool = posted_pool(store, db_url, tmp_path)
     pool.post(ANN, b"x" * 2000 + b"\r\n", ["tiny@example.org"], "mpp")  # can never fit
     pool.post(ANN, b"y" * 500 + b"\r\n", ["tiny@example.org"], "mpp")  # fits
@@ -224,7 +223,7 @@ def test_post_with_the_database_locked_writes_nothing(short_lock_waits, store, a
 def test_exactly_once_with_four_worker_threads(store, database, db_url, tmp_path, accounts):
     config = make_config(db_url, tmp_path)
     for i in range(120):
-        store.enqueue(ANN, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(), [BOB, ANN], "mpp")
+        store.queue.enqueue(ANN, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(), [BOB, ANN], "mpp")
     workers = [Worker(store, config, f"t{i}") for i in range(4)]
     threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
     for t in threads:
@@ -259,7 +258,7 @@ def test_exactly_once_with_two_worker_processes(store, database, db_url, tmp_pat
     import os
 
     for i in range(150):
-        store.enqueue(ANN, f"Subject: {i}\r\n\r\nbody\r\n".encode(), [BOB], "mpp")
+        store.queue.enqueue(ANN, f"Subject: {i}\r\n\r\nbody\r\n".encode(), [BOB], "mpp")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER_PROCESS, db_url, root, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -277,29 +276,6 @@ def test_exactly_once_with_two_worker_processes(store, database, db_url, tmp_pat
     assert subjects == list(range(150))
 
 
-def test_dead_process_lease_is_taken_back_at_once(store, database, worker):
-    qid = store.enqueue(ANN, b"x\r\n", [BOB], "mpp")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    owner = lock_holder("w1").split(":")[0] + f":{dead}:w1"
-    assert [c.queue_id for c in store.claim(owner, 3600)] == [qid]
-    assert worker.run_once() == 0  # leased for an hour: not ours
-    assert store.reclaim_dead_leases() == 1
-    assert drain(worker) == 1
-    assert len(mailbox(store, BOB)) == 1
-
-
-def test_other_hosts_leases_only_when_expired(store, database, worker):
-    store.enqueue(ANN, b"x\r\n", [BOB], "mpp")
-    assert len(store.claim("elsewhere.example:1234:w1", 3600)) == 1
-    assert store.reclaim_dead_leases() == 0
-    assert worker.run_once() == 0
-    with database.write() as s:
-        s.execute(text("UPDATE queue_recipients SET lease_expires_at = :t"), {"t": "2000-01-01 00:00:00"})
-    assert drain(worker) == 1
-    # the old holder's late settlement does nothing
-    assert len(mailbox(store, BOB)) == 1
-
-
 def test_pool_wakes_at_once_on_mpp_post_and_pop3_reads_it_back(make_app, client_factory, store):
     app = make_app(delivery={"workers": 2})
     posted = b"From: ann@example.org\r\nTo: bob@example.org\r\nSubject: round trip\r\nMessage-ID: <rt@x>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nline one\r\n.dot line\r\n\r\nlast line\r\n"
@@ -310,8 +286,8 @@ def test_pool_wakes_at_once_on_mpp_post_and_pop3_reads_it_back(make_app, client_
     c.ask("DATA")
     c.send(posted.replace(b"\r\n.", b"\r\n..") + b".\r\n")
     assert c.line().startswith("250")
-    bob = store.find_account(BOB).id
-    assert app.delivery.wait_until(lambda: store.snapshot(bob), timeout=30)
+    bob = store.directory.find_account(BOB).id
+    assert app.delivery.wait_until(lambda: store.maildrops.snapshot(bob), timeout=30)
     client = poplib.POP3(*app.address("pop3"), timeout=30)
     client.user(BOB)
     client.pass_(PASSWORD)

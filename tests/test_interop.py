@@ -44,7 +44,7 @@ def filled(app, store):
 
 
 def bob_count(store) -> int:
-    return len(store.snapshot(store.find_account(BOB).id))
+    return len(store.maildrops.snapshot(store.directory.find_account(BOB).id))
 
 
 def saved(folder: Path) -> list[bytes]:

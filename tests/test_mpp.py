@@ -261,7 +261,7 @@ def test_database_down_for_pop3_login_is_a_temporary_error(short_lock_waits, mak
 def test_store_sees_posted_sender(database, mpp):
     c = mpp(login=True)
     post(c, ["To: bob@example.org", "", "x"])
-    assert Store(database).queue_show(queued(database)[0][0])[1] == ANN
+    assert Store(database).queue_admin.show(queued(database)[0][0]).sender == ANN
 
 
 def read_text_of(chunks: list[bytes], max_size: int = 1 << 20):

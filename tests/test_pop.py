@@ -28,8 +28,8 @@ def pop(app, client_factory):
 
 
 def expected_mbox(store) -> bytes:
-    account = store.find_account(ANN)
-    found = store.read_messages(account.id, [m.id for m in store.snapshot(account.id)])
+    account = store.directory.find_account(ANN)
+    found = store.maildrops.read_messages(account.id, [m.id for m in store.maildrops.snapshot(account.id)])
     return b"".join(mbox_entry(*found[i]) for i in sorted(found))
 
 
@@ -50,8 +50,8 @@ def test_rdel_rcev_rcvd_deletes_exactly_what_was_sent(pop, store):
     assert data == expected
     assert b">From the start" in data and b">From here" in data
     assert c.ask("RCVD") == "+OK"  # the very next line: RCEV sent nothing more
-    remaining = store.snapshot(store.find_account(ANN).id)
-    assert len(remaining) == 1 and store.read_body(store.find_account(ANN).id, remaining[0].id).endswith(b"arrived after RDEL\r\n")
+    remaining = store.maildrops.snapshot(store.directory.find_account(ANN).id)
+    assert len(remaining) == 1 and store.maildrops.read_body(store.directory.find_account(ANN).id, remaining[0].id).endswith(b"arrived after RDEL\r\n")
     assert c.ask("QUIT") == "+OK"
     assert c.closed()
 
@@ -65,7 +65,7 @@ def test_retr_marks_seen_and_keeps_messages(pop, store):
     c.send("RCEV")
     assert c.file.read(len(expected)) == expected
     assert c.ask("RCVD") == "+OK"
-    snapshot = store.snapshot(store.find_account(ANN).id)
+    snapshot = store.maildrops.snapshot(store.directory.find_account(ANN).id)
     assert len(snapshot) == 2 and all(m.seen for m in snapshot)
 
 
@@ -85,7 +85,7 @@ def test_drop_before_rcvd_deletes_nothing(pop, store):
     c.close()
     again = pop()  # the lock is free again
     assert again.ask("RDEL") == f"#{size}"
-    assert len(store.snapshot(store.find_account(ANN).id)) == 1
+    assert len(store.maildrops.snapshot(store.directory.find_account(ANN).id)) == 1
 
 
 def test_rset_aborts_and_unlocks(pop, store):
@@ -135,6 +135,6 @@ def test_stored_dot_offsets_match_the_body(store, accounts):
 
     body = b".first\r\nplain\r\n..second\r\n.\r\nend"
     message_id = deliver(store, ANN, body)
-    ((stored, offsets),) = store.read_bodies(store.find_account(ANN).id, [message_id]).values()
+    ((stored, offsets),) = store.maildrops.read_bodies(store.directory.find_account(ANN).id, [message_id]).values()
     assert [int(o) for o in offsets.split()] == dot_line_offsets(stored) == [0, 15, 25]
     assert b"".join(dot_stuff_parts(stored, offsets)) == dot_stuff(stored) == b"..first\r\nplain\r\n...second\r\n..\r\nend\r\n.\r\n"

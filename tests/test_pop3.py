@@ -154,7 +154,7 @@ def test_rset_unmarks_and_quit_deletes(pop3, store):
     assert c.ask("RSET") == f"+OK maildrop has 3 messages ({3 * len(MSG1)} octets)"
     c.ask("DELE 2")
     assert c.ask("QUIT") == "+OK mailsrv POP3 server signing off (2 messages left)"
-    assert len(store.snapshot(store.find_account(ANN).id)) == 2
+    assert len(store.maildrops.snapshot(store.directory.find_account(ANN).id)) == 2
 
 
 def test_uidls_are_stable_across_sessions_and_never_reused(pop3, store):

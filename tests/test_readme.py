@@ -33,7 +33,7 @@ def test_schema_readme_queries_run(store, accounts, database):
     since = datetime(2000, 1, 1, tzinfo=UTC)
     params = {"since": since.replace(tzinfo=None) if database.dialect == "sqlite" else since}
     params["before"] = params["since"]
-    store.enqueue("ann@example.org", b"x\r\n", ["bob@example.org"], "mpp")
+    store.queue.enqueue("ann@example.org", b"x\r\n", ["bob@example.org"], "mpp")
     for block in queries:
         for statement in filter(None, (s.strip() for s in block.split(";"))):
             with database.write() as s:

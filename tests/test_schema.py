@@ -84,9 +84,9 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
             )
     assert dbmod.upgrade(database) == "0002"
     store = Store(database)
-    ids = [m.id for m in store.snapshot(1)]
+    ids = [m.id for m in store.maildrops.snapshot(1)]
     for wanted in (ids[:1], ids):  # one message alone, and a batch (on SQLite read as one value)
-        bodies = store.read_bodies(1, wanted)
+        bodies = store.maildrops.read_bodies(1, wanted)
         assert [bodies[i][1] for i in wanted] == [None] * len(wanted)
         stuffed = [b"".join(dot_stuff_parts(*bodies[i])) for i in wanted]
         assert stuffed == [b"..a\r\n..b\r\n.\r\n", b"c\r\n..\r\n.\r\n"][: len(wanted)]

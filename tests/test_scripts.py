@@ -25,7 +25,7 @@ def script(name: str, *args: str, stdin: str | None = None) -> subprocess.Comple
 
 
 def test_import_reports_each_line(conf, store):
-    store.add_domain("example.org")
+    store.directory.add_domain("example.org")
     csv_text = "address,password\nann@example.org,pw1\nbob@example.org,\"p,w 2\"\nann@example.org,again\nzed@unknown.example,pw\nbroken line\n"
     result = script("import-accounts.py", "-c", str(conf), "-", stdin=csv_text)
     assert result.returncode == 1
@@ -38,13 +38,13 @@ def test_import_reports_each_line(conf, store):
     ]
     from mailsrv.auth import check_password
 
-    assert check_password("p,w 2", store.find_account("bob@example.org").password_hash)
+    assert check_password("p,w 2", store.directory.find_account("bob@example.org").password_hash)
 
 
 def test_import_can_create_domains(conf, store):
     result = script("import-accounts.py", "-c", str(conf), "--create-domains", "-", stdin="x@new.example,pw\n")
     assert result.returncode == 0 and "added" in result.stdout
-    assert store.domain_kind("new.example") == "local"
+    assert store.directory.domain_kind("new.example") == "local"
 
 
 def test_backup_is_a_consistent_copy(conf, store, accounts, tmp_path, db_url):

@@ -14,64 +14,64 @@ from mailsrv.store import Refused, lock_holder
 
 def test_snapshot_has_no_bodies_and_counts_octets(store, accounts):
     ann = accounts["ann"].id
-    first = store.deliver_local(ann, b"Subject: a\r\n\r\none\r\n", sender="x@example.net")
-    second = store.deliver_local(ann, b"Subject: b\r\n\r\ntwo two\r\n")
-    snap = store.snapshot(ann)
+    first = store.maildrops.deliver_local(ann, b"Subject: a\r\n\r\none\r\n", sender="x@example.net")
+    second = store.maildrops.deliver_local(ann, b"Subject: b\r\n\r\ntwo two\r\n")
+    snap = store.maildrops.snapshot(ann)
     assert [m.id for m in snap] == [first, second]
     assert [m.size for m in snap] == [19, 23]
     assert all(1 <= len(m.uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in m.uid) for m in snap)
-    assert store.read_body(ann, second) == b"Subject: b\r\n\r\ntwo two\r\n"
-    assert store.read_body(accounts["bob"].id, second) is None  # not bob's
-    assert store.snapshot(accounts["bob"].id) == []
+    assert store.maildrops.read_body(ann, second) == b"Subject: b\r\n\r\ntwo two\r\n"
+    assert store.maildrops.read_body(accounts["bob"].id, second) is None  # not bob's
+    assert store.maildrops.snapshot(accounts["bob"].id) == []
 
 
 def test_uids_are_never_reused_after_delete(store, accounts):
     ann = accounts["ann"].id
-    ids = [store.deliver_local(ann, b"x\r\n") for _ in range(5)]
-    old_uids = {m.uid for m in store.snapshot(ann)}
-    assert store.delete_messages(ann, ids) == 5
-    new = [store.deliver_local(ann, b"x\r\n") for _ in range(5)]
-    assert not old_uids & {m.uid for m in store.snapshot(ann)}
+    ids = [store.maildrops.deliver_local(ann, b"x\r\n") for _ in range(5)]
+    old_uids = {m.uid for m in store.maildrops.snapshot(ann)}
+    assert store.maildrops.delete_messages(ann, ids) == 5
+    new = [store.maildrops.deliver_local(ann, b"x\r\n") for _ in range(5)]
+    assert not old_uids & {m.uid for m in store.maildrops.snapshot(ann)}
     assert min(new) > max(ids)  # ids never go back either
 
 
 def test_delete_only_touches_the_owner(store, accounts):
     ann, bob = accounts["ann"].id, accounts["bob"].id
-    mine = store.deliver_local(ann, b"x\r\n")
-    assert store.delete_messages(bob, [mine]) == 0
-    assert store.read_body(ann, mine) == b"x\r\n"
+    mine = store.maildrops.deliver_local(ann, b"x\r\n")
+    assert store.maildrops.delete_messages(bob, [mine]) == 0
+    assert store.maildrops.read_body(ann, mine) == b"x\r\n"
 
 
 def test_seen_flags(store, accounts):
     ann = accounts["ann"].id
-    ids = [store.deliver_local(ann, b"x\r\n") for _ in range(3)]
-    store.set_seen(ann, ids[:2])
-    assert [m.seen for m in store.snapshot(ann)] == [True, True, False]
-    store.set_seen(ann, ids[:1], False)
-    assert [m.seen for m in store.snapshot(ann)] == [False, True, False]
+    ids = [store.maildrops.deliver_local(ann, b"x\r\n") for _ in range(3)]
+    store.maildrops.set_seen(ann, ids[:2])
+    assert [m.seen for m in store.maildrops.snapshot(ann)] == [True, True, False]
+    store.maildrops.set_seen(ann, ids[:1], False)
+    assert [m.seen for m in store.maildrops.snapshot(ann)] == [False, True, False]
 
 
 def test_enqueue_writes_message_and_recipients_together(store, accounts, database):
-    qid = store.enqueue("ann@example.org", b"body\r\n", ["Bob@Example.org", "bob@example.org", "x@remote.example"], "mpp", accounts["ann"].id)
+    qid = store.queue.enqueue("ann@example.org", b"body\r\n", ["Bob@Example.org", "bob@example.org", "x@remote.example"], "mpp", accounts["ann"].id)
     with database.read() as s:
         rows = s.execute(text("SELECT recipient, domain, state FROM queue_recipients WHERE queue_id = :q ORDER BY id"), {"q": qid}).all()
     assert [tuple(r) for r in rows] == [("bob@example.org", "example.org", "queued"), ("x@remote.example", "remote.example", "queued")]
     with pytest.raises(Refused):
-        store.enqueue("ann@example.org", b"body\r\n", ["no-domain"], "mpp")
+        store.queue.enqueue("ann@example.org", b"body\r\n", ["no-domain"], "mpp")
     with database.read() as s:
         assert s.execute(text("SELECT count(*) FROM queue")).scalar() == 1  # nothing half-written
 
 
 def test_lock_excludes_a_second_holder_and_is_released(store, accounts):
     ann = accounts["ann"].id
-    assert store.acquire_lock(ann, lock_holder("one"), 60)
-    assert not store.acquire_lock(ann, lock_holder("two"), 60)
-    assert store.renew_lock(ann, lock_holder("one"), 60)
-    assert not store.renew_lock(ann, lock_holder("two"), 60)
-    store.release_lock(ann, lock_holder("two"))  # not ours: no effect
-    assert not store.acquire_lock(ann, lock_holder("two"), 60)
-    store.release_lock(ann, lock_holder("one"))
-    assert store.acquire_lock(ann, lock_holder("two"), 60)
+    assert store.maildrops.acquire_lock(ann, lock_holder("one"), 60)
+    assert not store.maildrops.acquire_lock(ann, lock_holder("two"), 60)
+    assert store.maildrops.renew_lock(ann, lock_holder("one"), 60)
+    assert not store.maildrops.renew_lock(ann, lock_holder("two"), 60)
+    store.maildrops.release_lock(ann, lock_holder("two"))  # not ours: no effect
+    assert not store.maildrops.acquire_lock(ann, lock_holder("two"), 60)
+    store.maildrops.release_lock(ann, lock_holder("one"))
+    assert store.maildrops.acquire_lock(ann, lock_holder("two"), 60)
 
 
 HOLDER = textwrap.dedent(
@@ -80,7 +80,7 @@ HOLDER = textwrap.dedent(
     from mailsrv.db import Database
     from mailsrv.store import Store, lock_holder
     store = Store(Database(sys.argv[1]))
-    got = store.acquire_lock(int(sys.argv[2]), lock_holder("child"), float(sys.argv[3]))
+    got = store.maildrops.acquire_lock(int(sys.argv[2]), lock_holder("child"), float(sys.argv[3]))
     print("locked" if got else "busy", flush=True)
     sys.stdin.readline()  # hold until told
     """
@@ -100,18 +100,18 @@ def test_lock_excludes_across_processes(store, accounts, db_url):
     ann = accounts["ann"].id
     child = hold_in_child(db_url, ann, 600)
     try:
-        assert not store.acquire_lock(ann, lock_holder("parent"), 60)
+        assert not store.maildrops.acquire_lock(ann, lock_holder("parent"), 60)
     finally:
         child.communicate("\n", timeout=30)
     # the child ended without releasing; its process is dead, so the lock is taken over
-    assert store.acquire_lock(ann, lock_holder("parent"), 60)
+    assert store.maildrops.acquire_lock(ann, lock_holder("parent"), 60)
 
 
 def test_expired_lock_of_a_live_process_is_taken_over(store, accounts, db_url):
     ann = accounts["ann"].id
     child = hold_in_child(db_url, ann, 0)  # expires at once, while the child still runs
     try:
-        assert store.acquire_lock(ann, lock_holder("parent"), 60)
+        assert store.maildrops.acquire_lock(ann, lock_holder("parent"), 60)
         # and now the parent holds it: the child (another process) cannot
         other = subprocess.run(
             [sys.executable, "-c", HOLDER, db_url, str(ann), "60"], input="\n", capture_output=True, text=True, timeout=30
@@ -125,9 +125,9 @@ def test_dead_process_locks_are_released_at_start(store, accounts, db_url):
     ann = accounts["ann"].id
     child = hold_in_child(db_url, ann, 600)
     child.communicate("\n", timeout=30)
-    assert store.release_dead_locks() == 1
-    assert store.acquire_lock(ann, lock_holder("me"), 60)
-    assert store.release_dead_locks() == 0  # our own live lock stays
+    assert store.maildrops.release_dead_locks() == 1
+    assert store.maildrops.acquire_lock(ann, lock_holder("me"), 60)
+    assert store.maildrops.release_dead_locks() == 0  # our own live lock stays
 
 
 def test_batches_by_size_keeps_order_and_the_limit():
@@ -147,7 +147,8 @@ def test_raw_transactions_write_and_read_what_sqlalchemy_does(store, database, a
     from sqlalchemy import select
 
     from mailsrv.models import QueuedMessage, QueueRecipient
-    from mailsrv.store import INSERT_QUEUED, INSERT_RECIPIENT, Lookup
+    from mailsrv.store import Resolver
+    from mailsrv.store.queue import INSERT_QUEUED, INSERT_RECIPIENT
 
     whole, fraction = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)
     row = {"sender": "a@example.org", "body": b"x\r\n", "size": 3, "origin": "mpp", "account_id": None}
@@ -166,7 +167,7 @@ def test_raw_transactions_write_and_read_what_sqlalchemy_does(store, database, a
         assert c.execute(select(QueuedMessage.id, QueuedMessage.created_at).order_by(QueuedMessage.id)).all() == [
             (ids[0], whole), (ids[1], fraction)
         ]
-        assert Lookup(c).mailbox_usage(accounts["ann"].id) == (0, 0)  # coalesce(sum, 0): a literal
+        assert Resolver(c).mailbox_usage(accounts["ann"].id) == (0, 0)  # coalesce(sum, 0): a literal
         assert c.scalar(select(QueuedMessage.id).where(QueuedMessage.id == -1)) is None
 
     with pytest.raises(ZeroDivisionError), database.write_raw() as c:
@@ -182,7 +183,7 @@ def test_grouped_writes_commit_together_and_fail_alone(database):
     import threading
     from datetime import UTC, datetime
 
-    from mailsrv.store import INSERT_QUEUED
+    from mailsrv.store.queue import INSERT_QUEUED
 
     threads_n = 16
     barrier = threading.Barrier(threads_n)
@@ -256,16 +257,16 @@ def test_raw_constraint_error_is_sqlalchemys_and_rolls_back(store, database, acc
     Database.write does (the maildrop lock relies on it), and leaves nothing behind."""
     from sqlalchemy.exc import IntegrityError
 
-    from mailsrv.store import INSERT_LOCK
+    from mailsrv.store.maildrop import INSERT_LOCK
 
     ann = accounts["ann"].id
-    assert store.acquire_lock(ann, lock_holder("one"), 60)
+    assert store.maildrops.acquire_lock(ann, lock_holder("one"), 60)
     with pytest.raises(IntegrityError), database.write_raw() as c:
         c.execute(INSERT_LOCK, {"account_id": accounts["bob"].id, "holder": "x", "expires_at": None})
         c.execute(INSERT_LOCK, {"account_id": ann, "holder": "x", "expires_at": None})  # ann's is there
     with database.read() as s:
         assert s.execute(text("SELECT account_id, holder FROM maildrop_locks")).all() == [(ann, lock_holder("one"))]
-    assert store.acquire_lock(accounts["bob"].id, lock_holder("one"), 60)  # still usable
+    assert store.maildrops.acquire_lock(accounts["bob"].id, lock_holder("one"), 60)  # still usable
 
 
 def test_login_that_loses_the_lock_race_is_told_in_use(store, database, accounts, db_url):
@@ -279,14 +280,14 @@ def test_login_that_loses_the_lock_race_is_told_in_use(store, database, accounts
     from sqlalchemy import create_engine
 
     from mailsrv.models import utcnow
-    from mailsrv.store import INSERT_LOCK
+    from mailsrv.store.maildrop import INSERT_LOCK
 
     ann = accounts["ann"].id
-    store.deliver_local(ann, b"x\r\n")
+    store.maildrops.deliver_local(ann, b"x\r\n")
     got: list = []
     with database.write_raw(durable=False) as c:  # the first login, not yet committed
         c.execute(INSERT_LOCK, {"account_id": ann, "holder": lock_holder("first"), "expires_at": utcnow()})
-        second = threading.Thread(target=lambda: got.append(store.open_maildrop(ann, lock_holder("second"), 60)))
+        second = threading.Thread(target=lambda: got.append(store.maildrops.open_maildrop(ann, lock_holder("second"), 60)))
         second.start()
         watcher = create_engine(db_url)
         try:

@@ -1,7 +1,7 @@
 """The delivery workers: background threads that work the queue.
 
 ``Worker.run_once()`` takes a batch of due recipients in our own domains and settles each
-(see :meth:`mailsrv.store.QueueOps.deliver_due`):
+(see :meth:`mailsrv.store.queue.Queue.deliver_due`):
 
 - a local account: the message (with ``Return-Path`` and ``Delivered-To`` added) is written
   to the mailbox in the same transaction that marks the recipient delivered, so it is
@@ -16,18 +16,19 @@
 Every destination here is decided without network I/O, so a batch is read and decided
 without the write lock and then applied in one durable transaction in which each
 recipient's update is conditional on its still being due: that update is the claim, and
-there is no window in which a crash could leave a recipient half done. (DESIGN.md has
-workers claim with a lease first; for these destinations the lease would only add a
-window, so it is kept for work done outside the database: the relay, which will use
-``Store.claim``/``Store.settle``.) Remote recipients stay ``queued`` for the relay.
+there is no window in which a crash could leave a recipient half done. Leases are kept
+for work done outside the database: the relay and ODMR claim with
+``store.leases.claim_remote``/``claim_held`` and settle with ``store.leases.settle``
+(docs/design.md, "Delivery", says why the local part takes no lease). Remote recipients
+stay ``queued`` for the relay.
 
 A message posted in this process (:meth:`DeliveryPool.post`) does not wait for a worker
 where it need not: its recipients in local mailboxes are delivered in the transaction that
 queues it, with the same decisions (quota included), so the poster's 250 means the mail is
-readable and no worker reads it back; what is left wakes a worker. (DESIGN.md has the
-workers deliver everything; doing the local part at once keeps "250 = committed" and
-exactly-once, and halves the transactions and flushes per message: measured in
-bench/mpp.py.) Once every recipient of a message is done with, the queue keeps only its
+readable and no worker reads it back; what is left wakes a worker. (docs/design.md,
+"Delivery", explains this departure from "the workers deliver everything": it keeps
+"250 = committed" and exactly-once, and halves the transactions and flushes per
+message, as bench/mpp.py measures.) Once every recipient of a message is done with, the queue keeps only its
 header (``store.header_of``).
 
 A lease names its holder (``host:pid:worker``). At start the leases of dead processes on
@@ -48,7 +49,7 @@ from datetime import timedelta
 from ..config import Config
 from ..db import DatabaseUnavailable
 from ..models import utcnow
-from ..store import Claimed, Outcome, Store, lock_holder
+from ..store import Action, Claimed, Outcome, Resolver, Route, Store, lock_holder
 from .bounce import build_bounce
 
 log = logging.getLogger("mailsrv.delivery")
@@ -69,17 +70,17 @@ class Worker:
 
     def run_once(self) -> int:
         """Deliver one batch (every destination here is decided without network I/O, so
-        no lease is needed: see Store.deliver_due); return how many were handled.
+        no lease is needed: see Queue.deliver_due); return how many were handled.
         Recipients whose lease ran out are looked for when nothing else is due, and at
         least every POLL seconds."""
         now = time.monotonic()
         expired = now - self.expired_checked > POLL
         if expired:
             self.expired_checked = now
-        handled, applied = self.store.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, expired)
+        handled, applied = self.store.queue.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, expired)
         if not handled and not expired:
             self.expired_checked = now
-            handled, applied = self.store.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, True)
+            handled, applied = self.store.queue.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, True)
         for outcome in applied:
             c = outcome.claimed
             log.info(
@@ -88,41 +89,41 @@ class Worker:
             )
         return handled
 
-    def decide_all(self, claimed: list[Claimed], lookup) -> list[Outcome]:
+    def decide_all(self, claimed: list[Claimed], resolver: Resolver) -> list[Outcome]:
         """Decide a batch (on any thread: nothing is kept on the worker)."""
         pending: dict[int, int] = {}  # octets this batch will add, per account
-        return [self.decide(c, lookup, pending) for c in claimed]
+        return [self.decide(c, resolver, pending) for c in claimed]
 
-    def decide(self, c: Claimed, lookup, pending: dict[int, int]) -> Outcome:
+    def decide(self, c: Claimed, resolver: Resolver, pending: dict[int, int]) -> Outcome:
         address = c.recipient
         for _ in range(MAX_ALIAS_HOPS):
-            where = lookup.resolve(address)
-            if where.kind == "account":
-                return self.to_mailbox(c, where.account, lookup, pending)
-            if where.kind == "odmr":
-                return Outcome(c, "hold") if address == c.recipient else Outcome(c, "forward", targets=(address,))
-            if where.kind == "remote":
-                return Outcome(c, "forward", targets=(address,))
-            if where.kind == "unknown":
-                return Outcome(c, "fail", status="5.1.1", error=f"no such user here: {address}")
+            where = resolver.resolve(address)
+            if where.route == Route.ACCOUNT:
+                return self.to_mailbox(c, where.account, resolver, pending)
+            if where.route == Route.ODMR:
+                return Outcome(c, Action.HOLD) if address == c.recipient else Outcome(c, Action.FORWARD, targets=(address,))
+            if where.route == Route.REMOTE:
+                return Outcome(c, Action.FORWARD, targets=(address,))
+            if where.route == Route.UNKNOWN:
+                return Outcome(c, Action.FAIL, status="5.1.1", error=f"no such user here: {address}")
             address = where.target.lower()
-        return Outcome(c, "fail", status="5.4.6", error=f"alias loop at {address}")
+        return Outcome(c, Action.FAIL, status="5.4.6", error=f"alias loop at {address}")
 
-    def to_mailbox(self, c: Claimed, account, lookup, pending: dict[int, int]) -> Outcome:
+    def to_mailbox(self, c: Claimed, account, resolver: Resolver, pending: dict[int, int]) -> Outcome:
         quota = account.quota_bytes
         size = c.size + len(c.sender) + len(c.recipient) + 40  # with the trace fields
         if quota is not None:
             if size > quota:
-                return Outcome(c, "fail", status="5.2.2", error=f"message larger than the mailbox quota of {account.address}")
-            _, used = lookup.mailbox_usage(account.id)
+                return Outcome(c, Action.FAIL, status="5.2.2", error=f"message larger than the mailbox quota of {account.address}")
+            _, used = resolver.mailbox_usage(account.id)
             if used + pending.get(account.id, 0) + size > quota:
                 delay = self.backoff(c.attempts)
                 expires = c.created_at + timedelta(seconds=self.config.delivery.queue_lifetime)
                 if utcnow() + timedelta(seconds=delay) > expires:
-                    return Outcome(c, "fail", status="5.2.2", error=f"mailbox of {account.address} is full")
-                return Outcome(c, "retry", delay=delay, status="4.2.2", error="mailbox full")
+                    return Outcome(c, Action.FAIL, status="5.2.2", error=f"mailbox of {account.address} is full")
+                return Outcome(c, Action.RETRY, delay=delay, status="4.2.2", error="mailbox full")
         pending[account.id] = pending.get(account.id, 0) + size
-        return Outcome(c, "deliver", account_id=account.id)
+        return Outcome(c, Action.DELIVER, account_id=account.id)
 
     def backoff(self, attempts: int) -> float:
         d = self.config.delivery
@@ -161,10 +162,10 @@ class DeliveryPool:
 
     def post(self, sender: str, body: bytes, recipients, origin: str, account_id: int | None = None) -> int:
         """Queue a message from a session (MPP, SMTP), delivering it to local mailboxes in
-        the same transaction where it can (:meth:`Store.post`: the poster's thread makes
+        the same transaction where it can (:meth:`Queue.post`: the poster's thread makes
         the decisions a worker would); wake a worker for whatever is left queued. Return
         the queue id."""
-        queue_id, left = self.store.post(
+        queue_id, left = self.store.queue.post(
             sender, body, recipients, origin, account_id, self.poster.decide_all, Worker.local_copy
         )
         if left:

@@ -124,7 +124,7 @@ class MppHandler(LineHandler):
             self.state = FAILED
             raise ProtocolError("530 Authentication Failure.", bad=False)
         self.auth.succeeded(self.peer_ip)
-        self.store.record_login(account.id)
+        self.store.directory.record_login(account.id)
         self.account, self.state = account, AUTHED
         self.log.info("[%s] %s logged in", self.peer, account.address)
         self.send("250 Command OK.")

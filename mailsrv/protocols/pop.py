@@ -72,7 +72,7 @@ class PopHandler(LineHandler):
 
     def unlock(self) -> None:
         if self.locked:
-            self.store.release_lock(self.account.id, self.holder)
+            self.store.maildrops.release_lock(self.account.id, self.holder)
             self.locked = False
         self.batch = []
 
@@ -95,7 +95,7 @@ class PopHandler(LineHandler):
             raise ProtocolError("-ERR invalid user name or password", bad=False)
         self.auth.succeeded(self.peer_ip)
         self.account, self.state = account, READY
-        self.store.record_login(account.id)
+        self.store.directory.record_login(account.id)
         self.log.info("[%s] %s logged in", self.peer, account.address)
         self.send("+OK")
 
@@ -108,7 +108,7 @@ class PopHandler(LineHandler):
     def open(self, arg: str, deleting: bool) -> None:
         if not self.own_mailbox(arg):
             raise ProtocolError("-ERR no such mailbox or not yours", bad=False)
-        snapshot = self.store.open_maildrop(self.account.id, self.holder, self.lock_ttl)
+        snapshot = self.store.maildrops.open_maildrop(self.account.id, self.holder, self.lock_ttl)
         if snapshot is None:
             raise ProtocolError("-ERR mailbox is locked by another session", bad=False)
         self.locked, self.batch, self.deleting = True, snapshot, deleting
@@ -119,7 +119,7 @@ class PopHandler(LineHandler):
     def entries(self):
         """The mbox entries of the fixed batch, read from the database a batch at a time."""
         for chunk in batches_by_size(self.batch, BATCH):
-            found = self.store.read_messages(self.account.id, chunk)
+            found = self.store.maildrops.read_messages(self.account.id, chunk)
             for message_id in chunk:
                 if message_id not in found:
                     raise ProtocolError("-ERR a message vanished from the mailbox")
@@ -147,7 +147,7 @@ class PopHandler(LineHandler):
 
     def cmd_RCVD(self, arg: str) -> None:
         ids = [m.id for m in self.batch]
-        deleted = self.store.close_maildrop(
+        deleted = self.store.maildrops.close_maildrop(
             self.account.id, self.holder, ids if self.deleting else [], [] if self.deleting else ids
         )
         self.locked, self.batch, self.state = False, [], READY

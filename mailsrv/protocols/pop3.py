@@ -100,13 +100,13 @@ class Pop3Handler(LineHandler):
 
     def on_close(self) -> None:
         if self.account is not None:
-            self.store.release_lock(self.account.id, self.holder)
+            self.store.maildrops.release_lock(self.account.id, self.holder)
             self.log.info("[%s] %s: session ended, nothing deleted", self.peer, self.account.address)
             self.account = None
 
     def run_command(self, verb, method, arg) -> None:
         if self.state == TRANSACTION and time.monotonic() - self.lock_renewed > self.lock_ttl / 2:
-            if not self.store.renew_lock(self.account.id, self.holder, self.lock_ttl):
+            if not self.store.maildrops.renew_lock(self.account.id, self.holder, self.lock_ttl):
                 self.account = None
                 self.close("-ERR [IN-USE] lost the maildrop lock, closing")
                 return
@@ -231,7 +231,7 @@ class Pop3Handler(LineHandler):
             self.auth.fail(self.peer_ip)
             raise ProtocolError(self.REPLY_AUTH_FAILED, bad=False)
         self.auth.succeeded(self.peer_ip)
-        snapshot = self.store.open_maildrop(account.id, self.holder, self.lock_ttl)
+        snapshot = self.store.maildrops.open_maildrop(account.id, self.holder, self.lock_ttl)
         if snapshot is None:
             self.log.info("[%s] %s: maildrop in use", self.peer, account.address)
             raise ProtocolError(self.REPLY_IN_USE, bad=False)
@@ -293,7 +293,7 @@ class Pop3Handler(LineHandler):
         if body is not None:
             return body
         ahead = (m for m in self.messages[n - 1 :] if m.id not in self.deleted)
-        self.cache = self.store.read_bodies(self.account.id, next(batches_by_size(ahead, READ_AHEAD)))
+        self.cache = self.store.maildrops.read_bodies(self.account.id, next(batches_by_size(ahead, READ_AHEAD)))
         body = self.cache.pop(message.id, None)
         if body is None:
             raise ProtocolError(f"-ERR [SYS/TEMP] message {n} cannot be read", bad=False)
@@ -348,7 +348,7 @@ class Pop3Handler(LineHandler):
             return
         account = self.account
         try:
-            removed = self.store.close_maildrop(account.id, self.holder, self.deleted, self.retrieved)
+            removed = self.store.maildrops.close_maildrop(account.id, self.holder, self.deleted, self.retrieved)
         except Exception:
             self.log.exception("[%s] %s: UPDATE failed, nothing deleted", self.peer, account.address)
             self.close("-ERR [SYS/TEMP] could not remove deleted messages, none were removed")

@@ -9,70 +9,26 @@ show them. The schema is created on first use, so ``mailsrv db init`` is optiona
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy.exc import OperationalError
 
-from . import __version__
-from . import db as dbmod
-from .auth import hash_password
-from .config import Config, ConfigError, load_config, parse_size
-from .store import Refused, Store
+from .. import __version__
+from .. import db as dbmod
+from ..config import Config, ConfigError, load_config
+from ..store import Refused, Store
+from .accounts import EXIT_OK, UsageError, cmd_alias, cmd_domain, cmd_mailbox, cmd_odmr, cmd_user
+from .queue import cmd_queue
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad usage: exit 2."""
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Format rows as a plain text table with a header line (empty rows: header only)."""
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def human_size(octets: int | None) -> str:
-    if octets is None:
-        return "-"
-    for unit, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
-        if octets >= factor:
-            return f"{octets / factor:.1f}{unit}"
-    return str(octets)
-
-
-def when(value) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        password = password[:-1] if password.endswith("\r") else password
-    else:
-        if not sys.stdin.isatty():
-            raise UsageError("no terminal to ask for the password: use --password-stdin")
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise Refused("the passwords differ")
-    if not password:
-        raise Refused("empty password")
-    if "\0" in password:
-        raise Refused("the password contains a NUL character")
-    return password
+EXIT_REFUSED, EXIT_USAGE = 1, 2
 
 
 # --- commands ---------------------------------------------------------------------------
 
 
 def cmd_serve(config: Config, args) -> int:
-    from .app import App, setup_logging
+    from ..app import App, setup_logging
 
     setup_logging(config.server.log_level)
     return App(config).serve()
@@ -91,93 +47,6 @@ def cmd_db(config: Config | None, args) -> int:
     else:
         print(f"database at revision {after} (was {before or 'empty'})")
     return EXIT_OK
-
-
-def cmd_domain(store: Store, config: Config, args) -> int:
-    if args.action == "add":
-        info = store.add_domain(args.name, "odmr" if args.odmr else "local")
-        print(f"added {info.kind} domain {info.name}")
-    elif args.action == "del":
-        store.del_domain(args.name)
-        print(f"deleted domain {args.name.lower()}")
-    else:
-        print(table(("domain", "kind", "accounts"), [(d.name, d.kind, d.accounts) for d in store.list_domains()]))
-    return EXIT_OK
-
-
-def cmd_user(store: Store, config: Config, args) -> int:
-    action = args.action
-    if action in ("add", "passwd"):
-        password = read_password(args)
-        hashed = hash_password(password, config.auth.bcrypt_rounds)
-        secret = password if args.cram_md5 else None
-        if action == "add":
-            quota = parse_size(args.quota) if args.quota else None
-            info = store.add_account(args.address, hashed, secret, quota)
-            print(f"added user {info.address}")
-        else:
-            store.set_password(args.address, hashed, secret)
-            print(f"changed the password of {args.address.lower()}")
-    elif action == "del":
-        removed = store.del_account(args.address)
-        print(f"deleted user {args.address.lower()} and {removed} message(s)")
-    elif action in ("enable", "disable"):
-        store.set_enabled(args.address, action == "enable")
-        print(f"{action}d user {args.address.lower()}")
-    else:
-        rows = [
-            (
-                a.address,
-                "yes" if a.enabled else "no",
-                "yes" if a.cram_secret else "no",
-                human_size(a.quota_bytes),
-                n,
-                human_size(octets),
-                when(a.last_login_at),
-            )
-            for a, n, octets in store.list_accounts()
-        ]
-        print(table(("user", "enabled", "cram-md5", "quota", "messages", "size", "last login"), rows))
-    return EXIT_OK
-
-
-def cmd_alias(store: Store, config: Config, args) -> int:
-    if args.action == "add":
-        store.add_alias(args.address, args.target)
-        print(f"added alias {args.address.lower()} -> {args.target.lower()}")
-    elif args.action == "del":
-        store.del_alias(args.address)
-        print(f"deleted alias {args.address.lower()}")
-    else:
-        print(table(("alias", "target"), store.list_aliases()))
-    return EXIT_OK
-
-
-def cmd_odmr(store: Store, config: Config, args) -> int:
-    if args.action == "grant":
-        store.grant_odmr(args.address, args.domain)
-        print(f"{args.address.lower()} may now ATRN {args.domain.lower()}")
-    elif args.action == "revoke":
-        store.revoke_odmr(args.address, args.domain)
-        print(f"{args.address.lower()} may no longer ATRN {args.domain.lower()}")
-    else:
-        print(table(("user", "domain"), store.list_odmr()))
-    return EXIT_OK
-
-
-def cmd_mailbox(store: Store, config: Config, args) -> int:
-    rows = [
-        (mid, uid, size, when(received), "yes" if seen else "no", sender or "<>")
-        for mid, uid, size, received, seen, sender in store.mailbox_list(args.address)
-    ]
-    print(table(("id", "uid", "size", "received", "seen", "sender"), rows))
-    return EXIT_OK
-
-
-def cmd_queue(store: Store, config: Config, args) -> int:
-    from .delivery import admin
-
-    return admin.run(store, config, args)
 
 
 STORE_COMMANDS = {
@@ -301,7 +170,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_REFUSED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Leases: recipients taken for work done outside the database.
+
+Delivery that waits on the network (the relay to another domain's MX or a smarthost, an
+ODMR customer collecting its domains) cannot hold a transaction open, so it first leases
+its recipients: ``state = inflight``, ``lease_owner`` (``host:pid:name``) and
+``lease_expires_at``. It then settles each with :meth:`Leases.settle`, which applies an
+outcome only while the settling owner still holds that lease. A lease that runs out (a
+hung worker, a dead host) is taken over by the next claim, and the old holder's late
+settlement then changes nothing. The leases of dead processes of this host are taken back
+at once at start (:meth:`Leases.reclaim_dead_leases`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+
+from sqlalchemy import bindparam, select, update
+
+from ..db import Database
+from ..models import Domain, QueueRecipient, State, utcnow
+from .common import holder_is_dead, this_host
+from .queue import OUR_DOMAINS, Bounce, Claimed, LocalCopy, Outcome, due, due_in, settle_in
+
+#: due recipients in other domains: queued ones whose time has come, and those whose lease ran out
+_REMOTE = QueueRecipient.domain.not_in(OUR_DOMAINS)
+REMOTE_QUEUED = due(QueueRecipient.state == State.QUEUED, QueueRecipient.next_attempt_at <= bindparam("now"), _REMOTE)
+REMOTE_EXPIRED = due(
+    QueueRecipient.state == State.INFLIGHT, QueueRecipient.lease_expires_at < bindparam("now"), _REMOTE,
+    order=(QueueRecipient.id,),
+)
+#: one ODMR domain's recipients waiting for the customer (and those whose lease ran out)
+HELD_IN_DOMAIN = due(
+    QueueRecipient.domain == bindparam("domain"),
+    (QueueRecipient.state == State.HELD)
+    | ((QueueRecipient.state == State.INFLIGHT) & (QueueRecipient.lease_expires_at < bindparam("now"))),
+    QueueRecipient.domain.in_(select(Domain.name).where(Domain.kind == "odmr")),
+    order=(QueueRecipient.queue_id, QueueRecipient.id),
+)
+TAKE_LEASE = (
+    update(QueueRecipient)
+    .where(QueueRecipient.id == bindparam("rid"))
+    .values(
+        state=State.INFLIGHT, lease_owner=bindparam("owner"), lease_expires_at=bindparam("expires"),
+        updated_at=bindparam("now"),
+    )
+)
+LEASES_OF_THIS_HOST = select(QueueRecipient.id, QueueRecipient.lease_owner, QueueRecipient.domain).where(
+    QueueRecipient.state == State.INFLIGHT, QueueRecipient.lease_owner.like(bindparam("host"))
+)
+ODMR_DOMAIN = select(Domain.id).where(Domain.name == bindparam("name"), Domain.kind == "odmr")
+#: a dead holder's lease given back: held again in an ODMR domain, else queued and due now
+GIVE_BACK = (
+    update(QueueRecipient)
+    .where(QueueRecipient.id == bindparam("rid"), QueueRecipient.lease_owner == bindparam("owner"))
+    .values(
+        state=bindparam("state"), lease_owner=None, lease_expires_at=None, next_attempt_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+)
+
+
+class Leases:
+    """Claims and settlements of leased recipients (see the module docstring)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def claim_remote(self, owner: str, lease: float, limit: int = 100) -> list[Claimed]:
+        """Lease up to ``limit`` due recipients in domains we do not serve (the relay's
+        work) to ``owner`` for ``lease`` seconds: queued ones whose time has come, then
+        those whose lease ran out. PostgreSQL skips rows another claim has locked."""
+        return self._claim(owner, lease, limit, (REMOTE_QUEUED, REMOTE_EXPIRED), {})
+
+    def claim_held(self, owner: str, domains: Iterable[str], lease: float, limit: int = 1000) -> list[Claimed]:
+        """Lease up to ``limit`` recipients held for these ODMR domains (an ATRN's work), in
+        the order their messages came, so that one message's recipients come together."""
+        names = sorted({d.strip().lower() for d in domains})
+        claimed: list[Claimed] = []
+        for name in names:
+            if len(claimed) < limit:
+                claimed += self._claim(owner, lease, limit - len(claimed), (HELD_IN_DOMAIN,), {"domain": name})
+        return claimed
+
+    def _claim(self, owner: str, lease: float, limit: int, statements, params: dict) -> list[Claimed]:
+        now = utcnow()
+        with self.db.write_raw(durable=False) as raw:
+            claimed = due_in(raw, statements, {**params, "now": now}, limit, lock=self.db.dialect == "postgresql")
+            if claimed:
+                expires = now + timedelta(seconds=lease)
+                raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
+            return claimed
+
+    def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy: LocalCopy, bounce: Bounce) -> list[Outcome]:
+        """Apply outcomes in one durable transaction, each only while ``owner`` still holds
+        its lease; return those applied (see :func:`~mailsrv.store.queue.settle_in`)."""
+        with self.db.write_raw() as raw:
+            return settle_in(raw, owner, outcomes, local_copy, bounce, utcnow())
+
+    def reclaim_dead_leases(self) -> int:
+        """Give the leases of dead processes of this host back at once: a recipient in an
+        ODMR domain is held again, any other is queued and due now. Returns how many."""
+        now = utcnow()
+        with self.db.write_raw() as raw:
+            rows = raw.execute(LEASES_OF_THIS_HOST, {"host": f"{this_host()}:%"}).all()
+            dead = [(rid, owner, domain) for rid, owner, domain in rows if holder_is_dead(owner)]
+            odmr = {domain for _, _, domain in dead if raw.scalar(ODMR_DOMAIN, {"name": domain}) is not None}
+            if dead:
+                raw.execute(GIVE_BACK, [
+                    {"rid": rid, "owner": owner, "now": now, "state": State.HELD if domain in odmr else State.QUEUED}
+                    for rid, owner, domain in dead
+                ])
+            return len(dead)
