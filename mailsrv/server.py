@@ -15,6 +15,8 @@ may override (the extension points, as socketserver's ``BaseServer`` lists its o
   space (never None). Raise :class:`ProtocolError` with the reply to refuse.
 - ``MAX_LINE``: longest command line accepted, line end included. A longer line is read
   up to the limit + 1, answered with ``REPLY_TOO_LONG`` and the rest drained unbuffered.
+- ``LINE_LIMITS``: verb -> a longer limit for that command alone (an AUTH line carrying a
+  SASL initial response); other verbs keep ``MAX_LINE``.
 - ``READ_BUFFER``: the size of a plain session's read buffer. Every open session keeps
   one, so protocols of short command lines keep it small; one that reads message text
   (MPP) wants it large, for fewer reads.
@@ -23,22 +25,24 @@ may override (the extension points, as socketserver's ``BaseServer`` lists its o
 - ``idle_timeout()``: seconds of client silence before ``REPLY_TIMEOUT`` and hang-up.
 - ``greet()``: called once when the session starts (send the greeting).
 - ``on_close()``: called once when the session ends, however it ends (release locks).
-- ``REPLY_*`` and ``REFUSAL``: the protocol's replies for the situations above.
+- ``REPLY_*`` and ``REFUSAL``: the protocol's replies for the situations above;
+  ``REPLY_SHUTDOWN`` is said to a session cut off because the server stops (``421`` in
+  the SMTP-style protocols, ``-ERR`` in POP3 and POP).
+
+The reading and writing (lines, dot-terminated text, multi-line replies, timeouts, TLS,
+turning a connection round) is one :class:`~mailsrv.stream.LineStream` per session: see
+:mod:`mailsrv.stream`. A handler reads and writes through the methods below, never the
+socket.
 
 Every session event is logged with the peer address; passwords never are.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
-import io
-import itertools
 import logging
 import socket
 import socketserver
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +53,7 @@ from .auth import Authenticator
 from .config import Config
 from .db import DatabaseUnavailable
 from .store import Store
+from .stream import TOO_LONG, DotText, LineStream, _TooLong, accept_tls
 
 if TYPE_CHECKING:
     from .delivery.worker import DeliveryPool
@@ -56,13 +61,8 @@ if TYPE_CHECKING:
 #: the stack of a session thread: small so that thousands fit (Python 3.11 does not use
 #: the C stack for Python-to-Python calls, so this is plenty)
 THREAD_STACK_SIZE = 512 * 1024
-#: how much of an overlong line is read and dropped before the client is given up on
-MAX_DRAIN = 1024 * 1024
-#: most buffers one sendmsg() takes (POSIX IOV_MAX on Linux)
-IOV_MAX = 1024
-#: replies up to this size are first offered to the kernel without giving up the GIL
-#: (see _SessionWriter); larger ones go through sendall/sendmsg, which give it up
-QUICK_SEND_MAX = 65536
+#: how long a refused connection may take to receive its one line
+REFUSAL_TIMEOUT = 1.0
 
 log = logging.getLogger("mailsrv.server")
 
@@ -196,9 +196,8 @@ class MailServer(socketserver.ThreadingTCPServer):
 
     def _refuse(self, request) -> None:
         try:
-            request.settimeout(1.0)
             if not self.implicit_tls:
-                request.sendall(self.RequestHandlerClass.REFUSAL.encode("ascii") + b"\r\n")
+                LineStream(request, timeout=REFUSAL_TIMEOUT, read_buffer=64).send(self.RequestHandlerClass.REFUSAL)
         except OSError:
             pass
         self.shutdown_request(request)
@@ -219,12 +218,13 @@ class MailServer(socketserver.ThreadingTCPServer):
         with self._sessions_lock:
             (self.sessions.add if active else self.sessions.discard)(handler)
 
-    def close_sessions(self) -> None:
-        """Close every open session's connection (the handlers then end on their own)."""
+    def close_sessions(self, force: bool = False) -> None:
+        """End every open session: each says its REPLY_SHUTDOWN and ends on its own
+        (``force``: its connection is cut off, for sessions that did not end in time)."""
         with self._sessions_lock:
             handlers = list(self.sessions)
         for handler in handlers:
-            handler.abort()
+            handler.abort(force)
 
     def wait_sessions(self, deadline: float) -> bool:
         """Wait until every session thread has ended or ``deadline`` (monotonic) passes."""
@@ -242,97 +242,14 @@ def _peer(address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _SocketReader(io.RawIOBase):
-    """The raw reader under a plain session's buffered ``rfile``.
-
-    The idle timeout of a plain socket is the kernel's (SO_RCVTIMEO, SO_SNDTIMEO) rather
-    than Python's socket timeout, which would poll() before every recv and send: one
-    system call and one GIL release per read instead of two. A read that times out raises
-    TimeoutError, as a Python socket timeout would.
-    """
-
-    def __init__(self, sock: socket.socket):
-        super().__init__()
-        self._sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        try:
-            return self._sock.recv_into(buffer)
-        except BlockingIOError:
-            raise TimeoutError("idle timeout") from None
-
-
-def _send_keeping_gil():
-    """libc's ``send`` called through ``ctypes.PyDLL``, which keeps the GIL during the
-    call; None where there is no such function or no MSG_NOSIGNAL (then every write goes
-    through Python's sendall)."""
-    if not hasattr(socket, "MSG_NOSIGNAL"):
-        return None
-    try:
-        send = ctypes.PyDLL(None, use_errno=True).send
-    except (OSError, AttributeError):
-        return None
-    send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-    send.restype = ctypes.c_ssize_t
-    return send
-
-
-_SEND_KEEPING_GIL = _send_keeping_gil()
-_QUICK_SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-
-
-class _SessionWriter(socketserver._SocketWriter):
-    """The writer of a plain session.
-
-    Python's ``sendall`` gives the GIL up for the system call and must take it back
-    afterwards. While other sessions are busy that costs two thread switches per reply,
-    more than the send itself: on loopback a 10 KB reply takes about 20 us in the kernel,
-    a hand-over of the GIL and back about as much again, and the waits grow with every
-    session that wants the GIL. So a reply up to QUICK_SEND_MAX octets is first offered
-    to the kernel with a non-blocking ``send`` that keeps the GIL; it never waits, it
-    only copies what the socket buffer takes. Whatever it did not take (a slow client, a
-    full buffer, an error to report) goes through ``sendall`` as before, which waits
-    without the GIL under the session's kernel send timeout. Measured with
-    ``bench/pop3.py``: 15-20% less server CPU per 10 KB RETR at 8 clients.
-    """
-
-    def write(self, data) -> int:
-        if _SEND_KEEPING_GIL is not None and type(data) is bytes and 0 < len(data) <= QUICK_SEND_MAX:
-            sent = _SEND_KEEPING_GIL(self._sock.fileno(), data, len(data), _QUICK_SEND_FLAGS)
-            if sent == len(data):
-                return sent
-            if sent > 0:
-                self._sock.sendall(memoryview(data)[sent:])
-                return len(data)
-        return super().write(data)
-
-
-def set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
-    """Blocking socket whose reads and writes give up after ``seconds`` (see _SocketReader)."""
-    sock.settimeout(None)
-    whole = int(seconds)
-    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-
-
-class _TooLong:
-    """Marker returned by :meth:`LineHandler.read_line` for an overlong line."""
-
-
-TOO_LONG = _TooLong()
-
-
-class LineHandler(socketserver.StreamRequestHandler):
+class LineHandler(socketserver.BaseRequestHandler):
     """The base of every protocol handler: see the module docstring for what to override."""
 
     protocol: ClassVar[str] = "line"
     STATES: ClassVar[dict[str, frozenset[str]]] = {}
     INITIAL_STATE: ClassVar[str] = ""
     MAX_LINE: ClassVar[int] = 512
+    LINE_LIMITS: ClassVar[dict[str, int]] = {}
     READ_BUFFER: ClassVar[int] = 1024
     MAX_BAD_COMMANDS: ClassVar[int] = 10
 
@@ -345,10 +262,13 @@ class LineHandler(socketserver.StreamRequestHandler):
     REPLY_TIMEOUT: ClassVar[str] = "idle for too long, closing"
     REPLY_INTERNAL: ClassVar[str] = "internal error"
     REPLY_UNAVAILABLE: ClassVar[str] = "temporary failure, try again later"
+    REPLY_SHUTDOWN: ClassVar[str] = "server shutting down"
 
     commands: ClassVar[dict[str, Callable]] = {}
+    longest_line: ClassVar[int] = 512
 
     server: MailServer
+    stream: LineStream | None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -359,6 +279,7 @@ class LineHandler(socketserver.StreamRequestHandler):
             missing = set(verbs) - set(cls.commands)
             if missing:
                 raise TypeError(f"{cls.__name__}: state {state} allows {missing} with no cmd_ method")
+        cls.longest_line = max([cls.MAX_LINE, *cls.LINE_LIMITS.values()])
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -372,46 +293,47 @@ class LineHandler(socketserver.StreamRequestHandler):
         self.state: str = self.INITIAL_STATE
         self.bad_commands = 0
         self.closing = False
+        self.stopping = False
         self.tls_active = False
         self.started = time.monotonic()
         self.log = logging.getLogger(f"mailsrv.{self.protocol}")
-        self._ready = False
-        self.request.settimeout(self.idle_timeout())
-        if self.server.implicit_tls:
-            try:
-                self.request = self.context.tls_context.wrap_socket(self.request, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                self.log.info("[%s] TLS handshake failed: %s", self.peer, exc)
-                self.rfile = self.wfile = None
-                return
-            self.tls_active = True
-        self.connection = self.request
-        if self.tls_active:
-            super().setup()
-        else:
-            set_kernel_timeout(self.connection, self.idle_timeout())
-            self.rfile = io.BufferedReader(_SocketReader(self.connection), self.READ_BUFFER)
-            self.wfile = _SessionWriter(self.connection)
-        self._ready = True
+        self.stream = None
+        try:
+            if self.server.implicit_tls:
+                self.stream = accept_tls(
+                    self.request, self.context.tls_context, timeout=self.idle_timeout(), read_buffer=self.READ_BUFFER
+                )
+                self.tls_active = True
+            else:
+                self.stream = LineStream(self.request, timeout=self.idle_timeout(), read_buffer=self.READ_BUFFER)
+        except (OSError, ssl.SSLError) as exc:
+            self.log.info("[%s] TLS handshake failed: %s", self.peer, exc)
 
     def handle(self) -> None:
-        if not self._ready:
+        if self.stream is None:
             return
         self.server.register(self, True)
         self.log.info("[%s] connect%s", self.peer, " (TLS)" if self.tls_active else "")
         try:
             self.greet()
             while not self.closing:
-                line = self.read_line()
+                line = self.read_line(self.longest_line)
                 if line is None:
-                    self.log.info("[%s] connection closed by client", self.peer)
+                    if self.stopping:
+                        self.log.info("[%s] cut off: server stopping", self.peer)
+                        self.send_quietly(self.REPLY_SHUTDOWN)
+                    else:
+                        self.log.info("[%s] connection closed by client", self.peer)
                     break
                 self.dispatch(line)
         except (TimeoutError, BlockingIOError):
             self.log.info("[%s] idle timeout", self.peer)
             self.send_quietly(self.REPLY_TIMEOUT)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            if not self.closing:
+            if self.stopping:
+                self.log.info("[%s] cut off: server stopping", self.peer)
+                self.send_quietly(self.REPLY_SHUTDOWN)
+            elif not self.closing:
                 self.log.info("[%s] connection lost: %s", self.peer, exc)
         finally:
             try:
@@ -424,25 +346,21 @@ class LineHandler(socketserver.StreamRequestHandler):
             )
 
     def finish(self) -> None:
-        if self._ready:
-            try:
-                super().finish()
-            except OSError:
-                pass
-        if self.connection is not None and self.request is not self.connection:
-            self.connection.close()
-        if self.request is not None:
-            try:
-                self.request.close()
-            except OSError:
-                pass
-
-    def abort(self) -> None:
-        """Called from another thread to end this session (server stop)."""
-        self.closing = True
+        if self.stream is not None:
+            self.stream.close()
         try:
-            socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
-        except (OSError, AttributeError):
+            self.request.close()
+        except OSError:
+            pass
+
+    def abort(self, force: bool = False) -> None:
+        """Called from another thread to end this session (server stop): its reads see the
+        end of input, and the session thread says REPLY_SHUTDOWN and ends. ``force`` also
+        cuts off writing, for a session that did not end in time."""
+        self.stopping = True
+        try:
+            self.request.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
+        except OSError:
             pass
 
     # --- extension points ------------------------------------------------------------
@@ -456,56 +374,46 @@ class LineHandler(socketserver.StreamRequestHandler):
     def on_close(self) -> None:
         """Release what the session holds (override); runs once however the session ends."""
 
-    # --- reading and writing ---------------------------------------------------------
+    # --- reading and writing: the session's LineStream -------------------------------
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version and cipher in use (for trace fields), or None."""
+        if not self.tls_active:
+            return None
+        cipher = self.stream.sock.cipher()
+        return f"{self.stream.sock.version()} {cipher[0] if cipher else ''}".strip()
 
     def read_line(self, limit: int | None = None) -> bytes | _TooLong | None:
         """The next line with its line end; TOO_LONG (rest drained) or None at end of input."""
-        limit = limit or self.MAX_LINE
-        line = self.rfile.readline(limit + 1)
-        if not line:
-            return None
-        if len(line) > limit:
-            if not line.endswith(b"\n"):
-                self.drain_line()
-            return TOO_LONG
-        return line
+        try:
+            return self.stream.read_line(limit or self.MAX_LINE)
+        except ConnectionAbortedError:
+            self.closing = True
+            raise
 
-    def drain_line(self) -> None:
-        """Read and drop input up to the next line end (the rest of an overlong line)."""
-        drained = 0
-        while drained < MAX_DRAIN:
-            chunk = self.rfile.readline(8192)
-            if not chunk or chunk.endswith(b"\n"):
-                return
-            drained += len(chunk)
-        self.closing = True
-        raise ConnectionAbortedError("line without end")
+    def read_text(self, limit: int, *, strict: bool) -> DotText:
+        """Message text up to its lone "." (:meth:`LineStream.read_text`)."""
+        return self.stream.read_text(limit, strict=strict)
 
     def send(self, line: str) -> None:
         """Send one reply line (CRLF added)."""
-        self.wfile.write(line.encode("utf-8") + b"\r\n")
+        self.stream.send(line)
 
     def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        self.wfile.write(data)
+        self.stream.write(data)
 
     def send_lines(self, lines: list[str]) -> None:
         """Send several reply lines (each gets its CRLF) in one write."""
-        self.wfile.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+        self.stream.send_lines(lines)
+
+    def send_reply(self, code: int | str, lines: str | list[str]) -> None:
+        """A coded reply, multi-line when several lines are given (``250-a``, ``250 b``)."""
+        self.stream.send_reply(code, lines)
 
     def send_parts(self, parts: list[bytes]) -> None:
-        """Send several pieces as one write: joined when small (one quick send, see
-        _SessionWriter), else by sendmsg without a joined copy."""
-        if self.tls_active or sum(map(len, parts)) <= QUICK_SEND_MAX:
-            self.wfile.write(b"".join(parts))
-            return
-        views = collections.deque(memoryview(p) for p in parts if len(p))
-        while views:
-            batch = list(itertools.islice(views, IOV_MAX))
-            sent = self.connection.sendmsg(batch)
-            while views and sent >= len(views[0]):
-                sent -= len(views.popleft())
-            if views and sent:
-                views[0] = views[0][sent:]
+        """Send several pieces as one write (:meth:`LineStream.send_parts`)."""
+        self.stream.send_parts(parts)
 
     def send_quietly(self, line: str) -> None:
         try:
@@ -534,6 +442,8 @@ class LineHandler(socketserver.StreamRequestHandler):
             return self.bad_command(self.REPLY_BAD_CHARS)
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if len(raw) > self.LINE_LIMITS.get(verb, self.MAX_LINE):
+            return self.bad_command(self.REPLY_TOO_LONG)
         method = self.commands.get(verb)
         if method is None:
             return self.bad_command(self.REPLY_UNKNOWN)
@@ -569,7 +479,7 @@ class LineHandler(socketserver.StreamRequestHandler):
         else:
             self.send(reply)
 
-    # --- TLS upgrade -----------------------------------------------------------------
+    # --- TLS upgrade and turning round -----------------------------------------------
 
     def start_tls(self) -> None:
         """Switch the connection to TLS (after the protocol's go-ahead reply was sent).
@@ -577,10 +487,14 @@ class LineHandler(socketserver.StreamRequestHandler):
         Whatever the client pipelined after the command is in the old read buffer and is
         discarded with it (RFC 3207 section 4.2, RFC 2595 section 4).
         """
-        self.connection.settimeout(self.idle_timeout())
-        tls = self.context.tls_context.wrap_socket(self.connection, server_side=True)
-        self.connection = tls
-        self.rfile = tls.makefile("rb", self.rbufsize)
-        self.wfile = socketserver._SocketWriter(tls)
+        self.stream.start_tls(self.context.tls_context, server_side=True)
         self.tls_active = True
         self.log.info("[%s] TLS started", self.peer)
+
+    def turn_round(self, timeout: float) -> LineStream:
+        """Turn the connection round (ODMR's ATRN, RFC 2645 section 4): from now on this
+        session speaks as a client over the same stream, whose read buffer keeps whatever
+        the peer has already sent; ``timeout`` is how long each read or write may wait."""
+        self.stream.set_timeout(timeout)
+        self.log.info("[%s] connection turned round", self.peer)
+        return self.stream

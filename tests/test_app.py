@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mailsrv.protocols.pop3 import Pop3Handler
+
 from .conftest import PASSWORD, LineClient
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mailsrv.conf"
@@ -108,6 +110,7 @@ def test_signal_stops_cleanly_with_sessions_open(served, signum, tmp_path):
     busy = pop3_login(served.addresses["pop3"])
     assert served.stop(signum) == 0
     for c in [*idle, busy]:
+        assert c.line() == Pop3Handler.REPLY_SHUTDOWN  # cut off with a reply, then closed
         assert c.closed()
         c.close()
     assert any("stopped" in line for line in served.log)

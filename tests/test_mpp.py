@@ -264,13 +264,17 @@ def test_store_sees_posted_sender(database, mpp):
     assert Store(database).queue_admin.show(queued(database)[0][0]).sender == ANN
 
 
-def read_text_of(chunks: list[bytes], max_size: int = 1 << 20):
-    """Run MppHandler.read_text over input that arrives in the given chunks: (result, the
-    input left unread)."""
-    import io
-    import types
+def read_text_of(chunks: list[bytes], max_size: int = 1 << 20, strict: bool = False):
+    """Run the I/O layer's text reader (MPP's lenient mode unless ``strict``) over input
+    that arrives in the given chunks: ((text, too large, has NUL), the input left unread)."""
+    return read_text_with(chunks, max_size, strict)[0:2]
 
-    from mailsrv.protocols.mpp import MppHandler
+
+def read_text_with(chunks: list[bytes], max_size: int = 1 << 20, strict: bool = False):
+    """(text, too large, has NUL), the input left unread, and whether a bare CR or LF was found."""
+    import io
+
+    from mailsrv.stream import LineStream
 
     class Chunked(io.RawIOBase):
         def readable(self) -> bool:
@@ -280,14 +284,16 @@ def read_text_of(chunks: list[bytes], max_size: int = 1 << 20):
             if not chunks:
                 return 0
             chunk = chunks.pop(0)
-            buffer[: len(chunk)] = chunk
-            return len(chunk)
+            n = min(len(chunk), len(buffer))
+            buffer[:n] = chunk[:n]
+            if n < len(chunk):  # the rest comes with the next read
+                chunks.insert(0, chunk[n:])
+            return n
 
-    handler = MppHandler.__new__(MppHandler)
-    handler.config = types.SimpleNamespace(mpp=types.SimpleNamespace(max_message_size=max_size))
-    handler.rfile = io.BufferedReader(Chunked(), 8192)
-    result = handler.read_text()
-    return result, handler.rfile.read()
+    stream = LineStream.__new__(LineStream)
+    stream.rfile = io.BufferedReader(Chunked(), 8192)
+    read = stream.read_text(max_size, strict=strict)
+    return (read.text, read.too_large, b"\0" in read.text), stream.rfile.read(), read.bare_newline
 
 
 @pytest.mark.parametrize("terminator", [b"\r\n.\r\n", b"\n.\n"])

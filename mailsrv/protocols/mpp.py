@@ -1,7 +1,7 @@
 """MPP, the Message Posting Protocol (RFC 1204): USER, PASS, DATA, NOOP, QUIT.
 
 The "can only be used" conditions of RFC 1204 section 2.3 are the state table, to the
-letter (decisions in ../DESIGN.md, "MPP"):
+letter (decisions in docs/design.md, "MPP"):
 
 ========  ===========================================  =======================
 state     how it is reached                            allowed
@@ -20,8 +20,10 @@ valid address (no user enumeration); PASS checks bcrypt (a dummy hash for unknow
 and answers 530 after the failure delay. Passwords are taken only from
 ``[auth] plaintext_networks`` or over TLS (``[mpp] listen_tls``).
 
-The text (after 354) is read line by line: dot-unstuffed, bare LF taken as CRLF, and the
-size limit enforced while reading (the rest is read and dropped, never buffered; 550).
+The text (after 354) is read by the I/O layer's lenient mode (``mailsrv.stream``):
+dot-unstuffed, bare LF taken as CRLF, and the size limit enforced while reading (the rest
+is read and dropped, never buffered; 550). A session cut off because the server stops
+hears 421, SMTP's "closing transmission channel" (RFC 1204 has no code of its own for it).
 Recipients come from the header as ``sendmail -t`` takes them (Resent- fields first); Bcc
 and Resent-Bcc fields are removed from the copy but still delivered. From absent: mailsrv
 adds ``From: <poster>``. From naming someone else: ``[mpp] from_policy = sender`` adds
@@ -44,26 +46,6 @@ from ..server import LineHandler, ProtocolError
 START, USER_GIVEN, AUTHED, POSTED, FAILED, REFUSED = (
     "START", "USER", "AUTHED", "POSTED", "FAILED", "REFUSED",
 )
-
-#: longest piece of a text line read at once; longer lines are read in pieces
-TEXT_CHUNK = 65536
-
-
-def _text_end(window: bytes) -> tuple[int, bool]:
-    """Where the line that ends the text (a lone ".") starts in ``window``, less one (its
-    line feed before), or -1; and whether a stuffed line (one starting with "." that is
-    not the end) came before it. One scan: lines starting with "." are rare."""
-    stuffed = False
-    at = window.find(b"\n.")
-    while at >= 0:
-        after = window[at + 2 : at + 4]
-        if after == b"\r\n" or after[:1] == b"\n":
-            return at, stuffed
-        if after not in (b"", b"\r"):  # else the window ends before we can tell: next time
-            stuffed = True
-        at = window.find(b"\n.", at + 2)
-    return -1, stuffed
-
 
 class Refusal(Exception):
     """The message will never be accepted: 550 with this reason."""
@@ -92,6 +74,7 @@ class MppHandler(LineHandler):
     REPLY_TIMEOUT = "451 Local error encountered: idle for too long, closing connection."
     REPLY_INTERNAL = "451 Local error encountered."
     REPLY_UNAVAILABLE = "451 Local error encountered: mail store unavailable, try again later."
+    REPLY_SHUTDOWN = "421 Service not available: server shutting down, closing connection."
 
     def idle_timeout(self) -> float:
         return self.config.mpp.idle_timeout
@@ -139,13 +122,13 @@ class MppHandler(LineHandler):
         if arg.strip():
             raise ProtocolError("501 Argument syntax error: DATA takes no argument.")
         self.send("354 Enter mail, end with <CRLF>.<CRLF>")
-        text, too_large, has_nul = self.read_text()
+        read = self.read_text(self.config.mpp.max_message_size, strict=False)
         try:
-            if too_large:
+            if read.too_large:
                 raise Refusal(f"message exceeds the size limit of {self.config.mpp.max_message_size} octets")
-            if has_nul:
+            if b"\0" in read.text:
                 raise Refusal("message contains NUL characters")
-            body, recipients = self.prepare(text)
+            body, recipients = self.prepare(read.text)
             queue_id = self.context.post(self.account.address, body, recipients, "mpp", self.account.id)
         except Refusal as exc:
             self.state = REFUSED
@@ -165,53 +148,6 @@ class MppHandler(LineHandler):
         self.send(f"250 Command OK: queued as {queue_id}.")
 
     # --- the text ----------------------------------------------------------------------
-
-    def read_text(self) -> tuple[bytes, bool, bool]:
-        """Read up to the lone ".": (text with CRLF line ends, too large, contains NUL).
-
-        The input is looked at where it lies in the read buffer (``peek``) and taken up to
-        the end of the "." line exactly, so a command pipelined after it stays for the
-        command reader. Past the size limit the rest is read and dropped. The end of input
-        before the "." raises ConnectionAbortedError: nothing is queued.
-        """
-        limit = self.config.mpp.max_message_size
-        kept = bytearray()
-        size = 0
-        stuffed = False  # a line starting with "." was seen (its dot is removed at the end)
-        tail = b"\n"  # the end of what was taken before: the text starts at a line start
-        while True:
-            chunk = self.rfile.peek(TEXT_CHUNK)
-            if not chunk:
-                raise ConnectionAbortedError("client left during the message text")
-            window = tail + chunk
-            end, dots = _text_end(window)
-            stuffed = stuffed or dots
-            if end >= 0:
-                at = end - len(tail) + 1  # where the "." line starts in chunk
-                line_end = chunk.index(b"\n", max(at, 0)) + 1
-                piece = self.rfile.read(line_end)[: max(at, 0)]
-            else:
-                piece = self.rfile.read(len(chunk))
-            if end >= 0 and at < 0:  # the "." line began in the piece taken before: untake it
-                del kept[at:]
-                size += at
-            size += len(piece)
-            if size > limit:
-                kept.clear()
-            else:
-                kept += piece
-            if end >= 0:
-                break
-            tail = (tail + piece)[-4:]
-        if size > limit:
-            return b"", True, False
-        raw = bytes(kept)
-        if stuffed:
-            if raw.startswith(b"."):
-                raw = raw[1:]
-            raw = raw.replace(b"\n.", b"\n")
-        text = msg.to_crlf(raw)
-        return text, False, b"\0" in text
 
     def prepare(self, text: bytes) -> tuple[bytes, list[str]]:
         """The copy to queue (fields added and Bcc removed) and its recipients."""

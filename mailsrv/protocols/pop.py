@@ -1,7 +1,7 @@
 """POP, the original Post Office Protocol (RFC 918): USER, PASS, RETR/RDEL, RCEV, RCVD, RSET,
 NOOP, QUIT.
 
-Decisions where RFC 918 is vague (see also ../DESIGN.md, "POP (RFC 918)"):
+Decisions where RFC 918 is vague (see also docs/design.md, "POP (RFC 918)"):
 
 - Greeting ``+OK``. USER always ``+OK`` (no user enumeration); PASS ``+OK`` or ``-ERR`` after
   the failure delay. Passwords cross in the clear, so PASS is accepted only from
@@ -53,6 +53,7 @@ class PopHandler(LineHandler):
     REPLY_TIMEOUT = "-ERR idle for too long, closing connection"
     REPLY_INTERNAL = "-ERR internal error"
     REPLY_UNAVAILABLE = "-ERR mail store unavailable, try again later"
+    REPLY_SHUTDOWN = "-ERR server shutting down, closing connection (nothing deleted)"
 
     def idle_timeout(self) -> float:
         return self.config.pop.idle_timeout

@@ -2,7 +2,7 @@
 CAPA and response codes (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034: PLAIN, RFC 4616;
 CRAM-MD5, RFC 2195) and APOP (RFC 1939 section 7).
 
-Decisions where the RFCs leave room (see also ../DESIGN.md, "POP3"):
+Decisions where the RFCs leave room (see also docs/design.md, "POP3"):
 
 - States (RFC 1939 section 3) are a table. AUTHORIZATION is split in two: ``AUTH`` before
   USER and ``USER`` after it, where PASS is allowed. UPDATE is not a state a command can
@@ -59,7 +59,8 @@ class Pop3Handler(LineHandler):
         ),
     }
     MAX_LINE = 512  # RFC 2449 section 4 allows 255 octets; be generous
-    MAX_AUTH_LINE = 8192  # SASL responses (RFC 5034 section 4)
+    MAX_AUTH_LINE = 12288  # SASL responses: RFC 5034 section 4 lets them be longer than commands
+    LINE_LIMITS: ClassVar = {"AUTH": MAX_AUTH_LINE}  # an AUTH line may carry an initial response
     MAX_BAD_COMMANDS = 20
 
     REFUSAL = "-ERR [SYS/TEMP] too many connections, try again later"
@@ -74,6 +75,8 @@ class Pop3Handler(LineHandler):
     REPLY_AUTH_FAILED = "-ERR [AUTH] invalid user name or password"
     REPLY_PLAINTEXT = "-ERR [AUTH] plaintext authentication not allowed without TLS (use STLS)"
     REPLY_IN_USE = "-ERR [IN-USE] maildrop already locked by another session"
+    REPLY_SHUTDOWN = "-ERR [SYS/TEMP] server shutting down, closing connection (nothing deleted)"
+    REPLY_RPOP = "-ERR RPOP is not supported (insecure); use PASS"
 
     # --- session -----------------------------------------------------------------------
 
@@ -128,13 +131,13 @@ class Pop3Handler(LineHandler):
     def cmd_CAPA(self, arg: str) -> None:
         """CAPA: the capabilities of RFC 2449 section 5, in either state."""
         lines = ["+OK capability list follows", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
-        if self.state != TRANSACTION:
-            if self.plaintext_ok:
-                lines.append("USER")
-            if self.mechanisms():
-                lines.append("SASL " + " ".join(self.mechanisms()))
-            if self.context.tls_context is not None and not self.tls_active:
-                lines.append("STLS")
+        # (RFC 2449 section 5: what the AUTHORIZATION state offers is announced in both states)
+        if self.plaintext_ok:
+            lines.append("USER")
+        if self.mechanisms():
+            lines.append("SASL " + " ".join(self.mechanisms()))
+        if self.context.tls_context is not None and not self.tls_active:
+            lines.append("STLS")
         lines += ["IMPLEMENTATION mailsrv", "."]
         self.send_lines(lines)
 
@@ -165,7 +168,7 @@ class Pop3Handler(LineHandler):
         self.login(self.auth.check_plain(self.user, arg), self.user)
 
     def cmd_RPOP(self, arg: str) -> None:
-        raise ProtocolError("-ERR RPOP is not supported (insecure); use PASS")
+        raise ProtocolError(self.REPLY_RPOP)
 
     def cmd_APOP(self, arg: str) -> None:
         """APOP name digest (RFC 1939 section 7), only with [auth] cram_md5 = yes."""
