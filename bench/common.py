@@ -86,10 +86,12 @@ def descendants(pid: int) -> list[int]:
 
 
 class MailsrvProcess:
-    """`mailsrv serve` in a child process on ephemeral loopback ports."""
+    """`mailsrv serve` in a child process on ephemeral loopback ports; ``code``: the source
+    tree it runs from (another checkout, to compare commits; this one by default)."""
 
-    def __init__(self, folder: Path, database: str | None = None, **sections: dict[str, str]):
+    def __init__(self, folder: Path, database: str | None = None, code: Path | None = None, **sections: dict[str, str]):
         self.folder = folder
+        self.code = code or ROOT
         database = database or f"sqlite:///{folder / 'mailsrv.db'}"
         settings = {
             "server": {"hostname": "bench.example", "database": database, "log_level": "info",
@@ -111,7 +113,7 @@ class MailsrvProcess:
         self.database = database
 
     def start(self) -> MailsrvProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(self.code)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailsrv.cli", "-c", str(self.conf), "serve"],
             stderr=subprocess.PIPE, text=True, env=env, preexec_fn=raise_fd_limit,
@@ -150,11 +152,19 @@ class MailsrvWithStore:
 
     name = "mailsrv"
 
-    def __init__(self, folder: Path, domain: str, **sections: dict[str, str]):
+    def __init__(self, folder: Path, domain: str, *, name: str = "mailsrv", database: str = "sqlite",
+                 code: Path | None = None, **sections: dict[str, str]):
         from mailsrv import db as dbmod
         from mailsrv.store import Store
 
-        self.process = MailsrvProcess(folder, **sections)
+        self.name = name
+        self.schema = None
+        url = None
+        if database == "postgresql":
+            url, self.schema = postgres_schema()
+        elif database != "sqlite":
+            raise SystemExit(f"--database: sqlite or postgresql, not {database!r}")
+        self.process = MailsrvProcess(folder, url, code, **sections)
         self.db = dbmod.Database(self.process.database)
         dbmod.upgrade(self.db)
         self.store = Store(self.db)
@@ -163,6 +173,67 @@ class MailsrvWithStore:
     def stop(self) -> None:
         self.process.stop()
         self.db.dispose()
+        if self.schema:
+            drop_postgres_schema(self.schema)
+
+
+#: the PostgreSQL of these machines (the tests' MAILSRV_TEST_POSTGRES_URL, when set)
+POSTGRES_URL = os.environ.get("MAILSRV_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def postgres_schema() -> tuple[str, str]:
+    """A fresh schema of its own on PostgreSQL: (the URL that uses it, its name)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    engine.dispose()
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}", schema
+
+
+def drop_postgres_schema(schema: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+def self_signed_certificate(folder: Path) -> tuple[str, str]:
+    """(certfile, keyfile) of a new self-signed certificate for localhost."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def hold_on_cpu(cpu: int | None) -> None:
+    """Keep this (load-generating) process's threads started from now on to one CPU, so
+    that the servers, started before, have the others as a real office host's clients
+    on other machines would leave them (None: leave the placement to the kernel)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+        print(f"load generator held on CPU {cpu} (as taskset would); the servers were started on every CPU", flush=True)
+
+
+def add_variant_arguments(parser) -> None:
+    """The options every benchmark has for comparing mailsrv with itself."""
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="mailsrv's database (postgresql: a fresh schema on POSTGRES_URL)")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="compare with mailsrv run from another source tree (e.g. a worktree of an older "
+                             "commit), named 'before', the servers taking turns; the peer is left out")
+    parser.add_argument("--client-cpu", type=int, metavar="N",
+                        help="hold the load generator on CPU N once the servers run (as taskset would)")
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """Posting: mailsrv (MPP into local mailboxes) and Postfix (SMTP into Maildir) side by side.
 
-    python bench/mpp.py [--messages 2000] [--rounds 1]
+    python bench/mpp.py [--messages 2000] [--rounds 1] [--database postgresql] [--client-cpu 0]
+                        [--against TREE]
 
 10 KB messages posted by 1 and by 8 concurrent clients, each client on one connection
 sending its messages one after another (MPP: USER, PASS once, then DATA per message;
@@ -16,7 +17,9 @@ SMTP: MAIL, RCPT, DATA per message). Figures, for both servers and their ratio:
   queues the message, so its delays are 0 by construction.
 
 Postfix (Debian `postfix`) is set up by this script with its own config directory on a
-loopback port, delivering to the Maildir of a local user made for the run.
+loopback port, delivering to the Maildir of a local user made for the run. ``--against
+TREE`` runs this tree's mailsrv ("after") against another tree's ("before") instead of
+Postfix; ``--client-cpu N`` holds the load generator on one CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from pathlib import Path
 
 from common import (
     MailsrvWithStore,
+    add_variant_arguments,
+    hold_on_cpu,
     free_port,
     percentile,
     print_side_by_side,
@@ -106,10 +111,11 @@ def figures(accepted, started, last_accepted, readable: dict[str, float]) -> dic
 
 
 class Mailsrv(MailsrvWithStore):
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, name: str = "mailsrv", database: str = "sqlite", code: Path | None = None):
         from mailsrv.auth import hash_password
 
-        super().__init__(folder, DOMAIN)  # the shipped defaults: 2 delivery workers
+        # the shipped defaults: 2 delivery workers
+        super().__init__(folder, DOMAIN, name=name, database=database, code=code)
         self.account = self.store.directory.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
         self.process.start()
 
@@ -240,14 +246,19 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000, help="messages per run")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each figure (the median is printed)")
     parser.add_argument("--only", choices=("mailsrv", "postfix"))
+    add_variant_arguments(parser)
     args = parser.parse_args()
     raise_fd_limit()
     servers = []
     try:
-        if args.only != "postfix":
-            servers.append(Mailsrv(temp_folder("bench-mpp-")))
-        if args.only != "mailsrv":
+        if args.against:
+            for name, code in (("after", None), ("before", args.against.resolve())):
+                servers.append(Mailsrv(temp_folder("bench-mpp-"), name=name, database=args.database, code=code))
+        elif args.only != "postfix":
+            servers.append(Mailsrv(temp_folder("bench-mpp-"), database=args.database))
+        if args.only != "mailsrv" and not args.against:
             servers.append(Postfix(temp_folder("bench-postfix-"), free_port()))
+        hold_on_cpu(args.client_cpu)
         runs: dict[str, dict[str, list[float]]] = {}
         for round_ in range(args.rounds):  # the servers take turns, so both see the same machine
             for clients in (1, 8):
@@ -265,10 +276,12 @@ def main() -> None:
             server.stop()
     results = {name: {key: statistics.median(values) for key, values in figures_.items()} for name, figures_ in runs.items()}
     print_side_by_side(results, 34, 1)
-    print("\nratio = mailsrv / postfix (higher is better for rates, lower for delays)")
+    names = list(results)
+    if len(names) == 2:
+        print(f"\nratio = {names[0]} / {names[1]} (higher is better for rates, lower for delays)")
     if args.rounds > 1:
         print(f"each figure the median of {args.rounds} rounds")
-    print("10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, SQLite),")
+    print(f"10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, {args.database}),")
     print(f"Postfix with Debian's defaults; {os.cpu_count()} cores.")
 
 

@@ -1,7 +1,8 @@
 """POP3: mailsrv and Dovecot side by side in one run, on the same machine and load.
 
     python bench/pop3.py [--seconds 5] [--rounds 1] [--idle 2000] [--only mailsrv] [--figure "RETR"]
-                         [--set server.pin_cpu=no]
+                         [--set server.pin_cpu=no] [--tls] [--database postgresql] [--client-cpu 0]
+                         [--compare-pin | --against TREE]
 
 Dovecot (Debian `dovecot-pop3d`) is set up by this script on a loopback port with its own
 standalone config, the same users, bcrypt hashes of the same cost (10) and the same
@@ -13,7 +14,11 @@ messages (Maildir). Figures, each for both servers and their ratio (mailsrv / Do
 - 2,000 idle logged-in sessions: resident memory (mailsrv: RSS of its one process;
   Dovecot: PSS summed over its process tree) and p50/p99 NOOP latency while they are open.
 
-The load generator is one thread per client with a blocking socket (see PEERS.md).
+The load generator is one thread per client with a blocking socket. ``--tls``: every
+session starts TLS with STLS first (both servers get a self-signed certificate).
+``--compare-pin`` runs mailsrv twice instead, ``[server] pin_cpu`` yes and no, and
+``--against TREE`` runs this tree's mailsrv ("after") against another tree's ("before");
+``--client-cpu N`` holds the load generator on one CPU (bench/README.md says why).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import pwd
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import threading
@@ -32,6 +38,9 @@ from pathlib import Path
 import bcrypt
 from common import (
     MailsrvWithStore,
+    add_variant_arguments,
+    hold_on_cpu,
+    self_signed_certificate,
     free_port,
     now,
     percentile,
@@ -73,11 +82,16 @@ def make_message(index: int, size: int) -> bytes:
 
 
 class Mailsrv(MailsrvWithStore):
-    def __init__(self, folder: Path, settings: dict[str, dict[str, str]] | None = None):
+    def __init__(self, folder: Path, settings: dict[str, dict[str, str]] | None = None, *, name: str = "mailsrv",
+                 database: str = "sqlite", code: Path | None = None, tls: bool = False):
         sections = {"delivery": {"workers": "0"}}
+        if tls:
+            cert, key = self_signed_certificate(folder)
+            sections["tls"] = {"certfile": cert, "keyfile": key}
+            sections["auth"] = {"plaintext_networks": ""}  # passwords only after STLS
         for section, keys in (settings or {}).items():
             sections.setdefault(section, {}).update(keys)
-        super().__init__(folder, DOMAIN, **sections)
+        super().__init__(folder, DOMAIN, name=name, database=database, code=code, **sections)
 
     def add_users(self, names: list[str], cost: int) -> None:
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
@@ -113,7 +127,7 @@ class Mailsrv(MailsrvWithStore):
 class Dovecot:
     name = "dovecot"
 
-    def __init__(self, folder: Path, port: int):
+    def __init__(self, folder: Path, port: int, tls: bool = False):
         if shutil.which("dovecot") is None:
             raise SystemExit("Dovecot is not installed: apt-get install -y dovecot-pop3d")
         self.folder = folder
@@ -126,6 +140,10 @@ class Dovecot:
         self.passwd = folder / "passwd"
         self.passwd.write_text("")
         self.conf = folder / "dovecot.conf"
+        ssl_settings = "ssl = no"
+        if tls:
+            cert, key = self_signed_certificate(folder)
+            ssl_settings = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}"
         self.conf.write_text(f"""
 instance_name = mailsrv-bench-dovecot
 base_dir = {folder}/run
@@ -133,7 +151,7 @@ state_dir = {folder}/state
 log_path = {folder}/dovecot.log
 protocols = pop3
 listen = 127.0.0.1
-ssl = no
+{ssl_settings}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:~/Maildir
@@ -220,13 +238,19 @@ service auth {{
 
 
 class Session:
-    """A POP3 client on a blocking socket."""
+    """A POP3 client on a blocking socket (over TLS, after STLS, when TLS_CLIENT is set)."""
+
+    #: the client side of --tls: no certificate check (the servers' are self-signed)
+    TLS_CLIENT: ssl.SSLContext | None = None
 
     def __init__(self, address):
         self.sock = socket.create_connection(address, timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
         self.line()
+        if self.TLS_CLIENT is not None:
+            self.ask(b"STLS")
+            self.sock = self.TLS_CLIENT.wrap_socket(self.sock, server_hostname="localhost")
 
     def line(self) -> bytes:
         read_until(self.sock, b"\r\n", self.buffer)
@@ -360,23 +384,40 @@ def main() -> None:
                         help="a mailsrv.conf setting for mailsrv (repeatable), e.g. server.pin_cpu=no")
     parser.add_argument("--figure", action="append", default=[],
                         help="time only the figures whose name holds this text (repeatable; --idle 0 skips the idle figure)")
+    parser.add_argument("--tls", action="store_true", help="every session starts TLS (STLS) before it logs in")
+    parser.add_argument("--compare-pin", action="store_true",
+                        help="mailsrv with [server] pin_cpu = yes against no, instead of against Dovecot")
+    add_variant_arguments(parser)
     args = parser.parse_args()
     raise_fd_limit(args.idle * 3 + 2000)
+    if args.tls:
+        Session.TLS_CLIENT = ssl.create_default_context()
+        Session.TLS_CLIENT.check_hostname = False
+        Session.TLS_CLIENT.verify_mode = ssl.CERT_NONE
+    settings: dict[str, dict[str, str]] = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        section, _, key = name.partition(".")
+        settings.setdefault(section, {})[key] = value
+    variants: list[tuple[str, dict, Path | None]] = [("mailsrv", settings, None)]
+    if args.compare_pin:
+        variants = [(f"pin_cpu={v}", {**settings, "server": {**settings.get("server", {}), "pin_cpu": v}}, None)
+                    for v in ("yes", "no")]
+    elif args.against:
+        variants = [("after", settings, None), ("before", settings, args.against.resolve())]
     servers = []
     try:
         if args.only != "dovecot":
-            settings: dict[str, dict[str, str]] = {}
-            for item in args.set:
-                name, _, value = item.partition("=")
-                section, _, key = name.partition(".")
-                settings.setdefault(section, {})[key] = value
-            servers.append(Mailsrv(temp_folder("bench-mailsrv-"), settings))
-        if args.only != "mailsrv":
-            servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port()))
+            for name, variant, code in variants:
+                servers.append(Mailsrv(temp_folder("bench-mailsrv-"), variant, name=name, database=args.database,
+                                       code=code, tls=args.tls))
+        if args.only != "mailsrv" and len(variants) == 1:
+            servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port(), tls=args.tls))
         for server in servers:
             print(f"setting up {server.name} ...", flush=True)
             populate(server, args.idle)
             server.start()
+        hold_on_cpu(args.client_cpu)
         timed = [(f"logins/s, {c} clients", lambda srv, c=c: logins_per_second(srv, c, args.seconds)) for c in (1, 8, 32)]
         for label, prefix, count in (("10 KB", "small", 100), ("1 MB", "large", 8)):
             for c in (1, 8):
@@ -404,7 +445,11 @@ def main() -> None:
         for server in servers:
             server.stop()
     print_side_by_side(results, 48, 2)
-    print("\nratio = mailsrv / dovecot (higher is better for rates, lower for times, memory, latency)")
+    names = list(results)
+    if len(names) == 2:
+        print(f"\nratio = {names[0]} / {names[1]} (higher is better for rates, lower for times, memory, latency)")
+    print(f"mailsrv on {args.database}{', every session over TLS (STLS)' if args.tls else ''}"
+          f"{f', load generator on CPU {args.client_cpu}' if args.client_cpu is not None else ''}")
     if args.rounds > 1:
         print(f"timed figures: the median of {args.rounds} rounds, the servers taking turns")
 

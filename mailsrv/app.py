@@ -3,8 +3,9 @@
 ``mailsrv serve`` builds an :class:`App`, which creates (or migrates) the schema, binds
 every enabled listener (logging each bound address: port 0 binds an ephemeral port), drops
 privileges to ``[server] user`` when started as root, starts the delivery workers and
-serves until SIGTERM or SIGINT. Stopping closes the listeners at once, then every session's
-connection, waits up to 5 s for the sessions to end, stops the workers and exits 0.
+serves until SIGTERM or SIGINT. Stopping closes the listeners at once, then tells every
+session (each says its REPLY_SHUTDOWN and ends), waits up to 5 s for them, cuts off any
+left, stops the workers and exits 0.
 
 Tests and scripts use the same class: ``App(config).start()`` then ``app.address("pop3")``.
 """
@@ -199,8 +200,11 @@ class App:
             server.server_close()
         deadline = time.monotonic() + grace
         for server in self.servers:
-            server.close_sessions()
+            server.close_sessions()  # each session says its REPLY_SHUTDOWN and ends
         clean = all(server.wait_sessions(deadline) for server in self.servers)
+        if not clean:  # a session that did not end in time (a client that reads nothing)
+            for server in self.servers:
+                server.close_sessions(force=True)
         if self.delivery is not None:
             self.delivery.stop(max(0.1, deadline - time.monotonic()))
         self.db.dispose()

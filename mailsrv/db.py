@@ -1,13 +1,29 @@
-"""The database: engine, short transactions, schema management.
+"""The database: engine, the two execution paths, group commit, schema management.
 
 SQLite (the default) runs in WAL mode with ``synchronous=FULL`` (a commit is on disk before
 anyone is told 250 or +OK), a busy timeout, foreign keys on, and every write transaction
-opened with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock.
-PostgreSQL runs at READ COMMITTED; queue claims use ``FOR UPDATE SKIP LOCKED``.
+opened with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock; the
+writers of one process take turns on a lock of their own. PostgreSQL runs at READ
+COMMITTED; queue claims use ``FOR UPDATE SKIP LOCKED``.
 
-Use :meth:`Database.write` for a transaction that changes something and
-:meth:`Database.read` for one that only reads. Each opens and ends one short transaction;
-no connection is held while a client is being waited for.
+Each method below opens and ends one short transaction; no connection is held while a
+client is being waited for. The store (``mailsrv.store``, whose docstring gives the rule
+for choosing) uses two paths:
+
+- **Core**: :meth:`Database.read_core` and :meth:`Database.write_core` yield a SQLAlchemy
+  ``Connection``; any statement, built per call or not.
+- **Raw**: :meth:`Database.read_raw`, :meth:`Database.write_raw` and
+  :meth:`Database.write_grouped` yield a :class:`Raw`, which runs Core statements compiled
+  once per database straight on the driver's cursor. It reads SQLAlchemy's compiled form
+  (positional order, bind defaults and type conversions, result conversions), which is
+  why ``setup.py`` pins SQLAlchemy's minor series and ``tests/test_db.py`` runs every Raw
+  statement of the store both ways and compares what reaches the driver.
+
+:meth:`Database.read` and :meth:`Database.write` yield an ORM ``Session``: the store does
+not use them; the benchmarks' bulk loading and some tests do.
+
+Errors: :class:`DatabaseUnavailable` when the database cannot be reached or stays locked
+(temporary), SQLAlchemy's ``IntegrityError`` for a broken constraint, on every path.
 
 The schema is versioned with Alembic (``mailsrv/migrations``): :func:`upgrade` brings any
 database to the newest revision and is idempotent (``mailsrv db init`` and ``db upgrade``).
@@ -15,6 +31,7 @@ database to the newest revision and is idempotent (``mailsrv db init`` and ``db 
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -84,6 +101,8 @@ class Database:
         self._group: list[_Grouped] = []  # works waiting for write_grouped's next turn
         self._group_lock = threading.Lock()
         self._group_leading = False
+        #: shared transactions run so far, by how many works each held (tests, metrics)
+        self.group_sizes: collections.Counter[int] = collections.Counter()
 
     @contextmanager
     def write(self, durable: bool = True) -> Iterator[Session]:
@@ -192,6 +211,7 @@ class Database:
         return item.result
 
     def _run_group(self, batch: list[_Grouped]) -> None:
+        self.group_sizes[len(batch)] += 1
         try:
             with self.write_raw() as raw:
                 results = [item.work(raw) for item in batch]
@@ -335,7 +355,10 @@ class _Prepared:
         self.names = list(compiled.positiontup) if compiled.positional else None
         self.defaults = {}  # the values written into the statement (``coalesce(x, 0)``)
         self.converters = {}
+        rendered = set(compiled.bind_names.values())  # (binds is also keyed by anonymous names)
         for name, bind in compiled.binds.items():
+            if name not in rendered:
+                continue
             if bind.expanding:
                 raise ValueError("a Raw statement cannot expand IN lists")
             if not bind.required:

@@ -7,6 +7,7 @@ from datetime import datetime
 import pytest
 
 from mailsrv.message import mbox_entry
+from mailsrv.protocols.pop import PopHandler
 
 from .conftest import PASSWORD, deliver
 
@@ -93,32 +94,32 @@ def test_rset_aborts_and_unlocks(pop, store):
     c = pop()
     c.ask("RDEL")
     other = pop()
-    assert other.ask("RDEL").startswith("-ERR")  # locked, also against POP3
+    assert other.ask("RDEL") == PopHandler.REPLY_LOCKED  # locked, also against POP3
     assert c.ask("RSET") == "+OK"
     assert other.ask("RDEL").startswith("#")
-    assert c.ask("RCVD").startswith("-ERR")
+    assert c.ask("RCVD") == PopHandler.REPLY_WRONG_STATE
 
 
 def test_someone_elses_mailbox_is_refused(pop):
     c = pop()
-    assert c.ask("RETR bob@example.org").startswith("-ERR")
-    assert c.ask("RDEL bob").startswith("-ERR")
+    assert c.ask("RETR bob@example.org") == PopHandler.REPLY_NOT_YOURS
+    assert c.ask("RDEL bob") == PopHandler.REPLY_NOT_YOURS
     assert c.ask("RETR ann").startswith("#")
 
 
 @pytest.mark.parametrize("command", ["RETR", "RDEL", "RCEV", "RCVD", f"PASS {PASSWORD}"])
 def test_out_of_order_before_login(pop, command):
     c = pop(login=False)
-    assert c.ask(command).startswith("-ERR")
+    assert c.ask(command) == PopHandler.REPLY_WRONG_STATE
 
 
 def test_out_of_order_after_login(pop):
     c = pop()
     for command in ("RCEV", "RCVD", f"USER {ANN}", "PASS x"):
-        assert c.ask(command).startswith("-ERR"), command
+        assert c.ask(command) == PopHandler.REPLY_WRONG_STATE, command
     c.ask("RETR")
     for command in ("RCVD", "RETR", "RDEL"):
-        assert c.ask(command).startswith("-ERR"), command
+        assert c.ask(command) == PopHandler.REPLY_WRONG_STATE, command
     assert c.ask("NOOP") == "+OK"
 
 

@@ -10,6 +10,7 @@ import ssl
 import pytest
 
 from mailsrv.auth import apop_digest, cram_md5_digest
+from mailsrv.protocols.pop3 import Pop3Handler
 
 from .conftest import PASSWORD, deliver
 from .test_server import certificate  # noqa: F401  (fixture)
@@ -68,11 +69,11 @@ def test_unknown_user_gets_the_same_user_reply(pop3):
 def test_states_are_enforced(pop3):
     c = pop3()
     for command in ("STAT", "LIST", "RETR 1", "DELE 1", "NOOP", "RSET", "TOP 1 0", "UIDL", "LAST"):
-        assert c.ask(command).startswith("-ERR"), command
-    assert c.ask(f"PASS {PASSWORD}").startswith("-ERR")  # PASS before USER
+        assert c.ask(command) == Pop3Handler.REPLY_WRONG_STATE, command
+    assert c.ask(f"PASS {PASSWORD}") == Pop3Handler.REPLY_WRONG_STATE  # PASS before USER
     login(c)
     for command in (f"USER {ANN}", "PASS x", "APOP a b", "AUTH PLAIN", "STLS"):
-        assert c.ask(command).startswith("-ERR"), command
+        assert c.ask(command) == Pop3Handler.REPLY_WRONG_STATE, command
     assert c.ask("STAT") == "+OK 0 0"
 
 
@@ -136,8 +137,8 @@ def test_dele_then_drop_keeps_message(pop3, store):
     c = pop3()
     login(c)
     assert c.ask("DELE 1") == "+OK message 1 deleted"
-    assert c.ask("RETR 1").startswith("-ERR")
-    assert c.ask("DELE 1").startswith("-ERR")
+    assert c.ask("RETR 1") == Pop3Handler.REPLY_ALREADY_DELETED.format(n=1)
+    assert c.ask("DELE 1") == Pop3Handler.REPLY_ALREADY_DELETED.format(n=1)
     assert c.ask("STAT") == "+OK 0 0"
     c.close()  # dropped without QUIT
     again = pop3()
@@ -187,7 +188,7 @@ def test_second_session_gets_in_use(pop3):
     second = pop3()
     second.ask(f"USER {ANN}")
     assert second.ask(f"PASS {PASSWORD}") == "-ERR [IN-USE] maildrop already locked by another session"
-    assert second.ask("STAT").startswith("-ERR")  # still not logged in
+    assert second.ask("STAT") == Pop3Handler.REPLY_WRONG_STATE  # still not logged in
     first.ask("QUIT")
     login(second)
 
@@ -220,35 +221,44 @@ def test_last_can_be_turned_off(make_app, client_factory):
     c = client_factory(app.address("pop3"))
     c.line()
     login(c)
-    assert c.ask("LAST").startswith("-ERR")
+    assert c.ask("LAST") == Pop3Handler.REPLY_UNKNOWN
 
 
 def test_rpop_is_refused(pop3):
     c = pop3()
     c.ask(f"USER {ANN}")
-    assert c.ask("RPOP x").startswith("-ERR")
+    assert c.ask("RPOP x") == Pop3Handler.REPLY_RPOP
+
+
+NO_SUCH = Pop3Handler.REPLY_NO_SUCH_MESSAGE.format(count=1)
 
 
 @pytest.mark.parametrize(
-    "line",
-    ["LIST 0", "RETR abc", "TOP 1 -1", "RETR 4294967297", "LIST -1", "DELE +1", "TOP 1", "TOP x 1", "RETR 1 2"],
+    "line,reply",
+    [("LIST 0", NO_SUCH), ("RETR abc", Pop3Handler.REPLY_BAD_NUMBER), ("TOP 1 -1", Pop3Handler.REPLY_BAD_LINES),
+     ("RETR 4294967297", NO_SUCH), ("RETR 42949672970", Pop3Handler.REPLY_BAD_NUMBER),
+     ("LIST -1", Pop3Handler.REPLY_BAD_NUMBER), ("DELE +1", Pop3Handler.REPLY_BAD_NUMBER),
+     ("TOP 1", Pop3Handler.REPLY_TOP_USAGE), ("TOP x 1", Pop3Handler.REPLY_BAD_NUMBER),
+     ("RETR 1 2", Pop3Handler.REPLY_BAD_NUMBER), ("RETR \u0661", Pop3Handler.REPLY_BAD_NUMBER)],
 )
-def test_bad_arguments_get_err(pop3, store, line):
+def test_bad_arguments_get_err(pop3, store, line, reply):
     deliver(store, ANN, MSG1)
     c = pop3()
     login(c)
-    assert c.ask(line).startswith("-ERR"), line
+    assert c.ask(line) == reply, line
     assert c.ask("STAT").startswith("+OK 1")
 
 
 @pytest.mark.parametrize(
-    "raw",
-    [b"STAT" + b"x" * 2000 + b"\r\n", b"ST\0AT\r\n", b"STAT \xff\r\n", b"\r\n", b"FOO\r\n"],
+    "raw,reply",
+    [(b"STAT" + b"x" * 2000 + b"\r\n", Pop3Handler.REPLY_TOO_LONG), (b"ST\0AT\r\n", Pop3Handler.REPLY_BAD_CHARS),
+     (b"STAT \xff\r\n", Pop3Handler.REPLY_BAD_CHARS), (b"\r\n", Pop3Handler.REPLY_UNKNOWN),
+     (b"FOO\r\n", Pop3Handler.REPLY_UNKNOWN)],
 )
-def test_bad_input_gets_err_and_session_goes_on(pop3, raw):
+def test_bad_input_gets_err_and_session_goes_on(pop3, raw, reply):
     c = pop3()
     login(c)
-    assert c.ask(raw).startswith("-ERR")
+    assert c.ask(raw) == reply
     assert c.ask("STAT") == "+OK 0 0"
 
 
@@ -257,7 +267,7 @@ def test_a_flood_of_bad_commands_ends_the_session_only(pop3):
     login(other)
     flood = pop3()
     for _ in range(19):
-        assert flood.ask("BOGUS").startswith("-ERR")
+        assert flood.ask("BOGUS") == Pop3Handler.REPLY_UNKNOWN
     assert flood.ask("BOGUS") == "-ERR too many bad commands, closing connection"
     assert flood.closed()
     assert other.ask("STAT") == "+OK 0 0"
@@ -289,12 +299,12 @@ def test_auth_plain_with_and_without_initial_response(pop3):
     c.ask("QUIT")
     c = pop3()
     assert c.ask("AUTH PLAIN") == "+ "
-    assert c.ask("*").startswith("-ERR")
+    assert c.ask("*") == Pop3Handler.REPLY_AUTH_CANCELLED
     bad = base64.b64encode(f"\0{ANN}\0wrong".encode()).decode()
     assert c.ask(f"AUTH PLAIN {bad}") == "-ERR [AUTH] invalid user name or password"
-    assert c.ask("AUTH PLAIN !!!").startswith("-ERR")
-    assert c.ask("AUTH CRAM-MD5").startswith("-ERR")  # not enabled
-    assert c.ask("AUTH X-UNKNOWN").startswith("-ERR")
+    assert c.ask("AUTH PLAIN !!!") == Pop3Handler.REPLY_BAD_PLAIN
+    assert c.ask("AUTH CRAM-MD5") == Pop3Handler.REPLY_UNSUPPORTED_MECHANISM  # not enabled
+    assert c.ask("AUTH X-UNKNOWN") == Pop3Handler.REPLY_UNSUPPORTED_MECHANISM
 
 
 def test_plaintext_needs_trusted_network_or_tls(make_app, client_factory, certificate):  # noqa: F811
@@ -325,7 +335,7 @@ def test_plaintext_needs_trusted_network_or_tls(make_app, client_factory, certif
 
 def test_stls_without_tls_configured_is_refused(pop3):
     c = pop3()
-    assert c.ask("STLS").startswith("-ERR")
+    assert c.ask("STLS") == Pop3Handler.REPLY_NO_TLS
 
 
 def test_cram_md5_and_apop_when_enabled(make_app, client_factory):
@@ -341,7 +351,7 @@ def test_cram_md5_and_apop_when_enabled(make_app, client_factory):
     # bob has no CRAM secret
     c = client_factory(app.address("pop3"))
     timestamp = re.search(r"<[^>]+>", c.line()).group(0)
-    assert c.ask(f"APOP bob@example.org {apop_digest(timestamp, PASSWORD)}").startswith("-ERR [AUTH]")
+    assert c.ask(f"APOP bob@example.org {apop_digest(timestamp, PASSWORD)}")== Pop3Handler.REPLY_AUTH_FAILED
     challenge_line = c.ask("AUTH CRAM-MD5")
     assert challenge_line.startswith("+ ")
     challenge = base64.b64decode(challenge_line[2:])
@@ -352,7 +362,7 @@ def test_cram_md5_and_apop_when_enabled(make_app, client_factory):
 def test_no_apop_timestamp_without_cram(app, client_factory):
     c = client_factory(app.address("pop3"))
     assert "<" not in c.line()
-    assert c.ask(f"APOP {ANN} {'0' * 32}").startswith("-ERR")
+    assert c.ask(f"APOP {ANN} {'0' * 32}") == Pop3Handler.REPLY_NO_APOP
 
 
 def test_passwords_never_reach_the_log(pop3, caplog, app, client_factory):

@@ -242,10 +242,8 @@ def test_idle_timeout_says_goodbye_and_closes(serve):
     server = serve(idle=0.3)
     with connect(server) as c:
         assert c.line() == "HELLO"
-        started = time.monotonic()
         assert c.line() == "BYE idle"  # blocks until the server gives up on us
         assert c.closed()
-        assert time.monotonic() - started >= 0.25
 
 
 def test_internal_errors_do_not_leak(serve):

@@ -219,6 +219,46 @@ def test_grouped_writes_commit_together_and_fail_alone(database):
     assert {queue_id: f"s{i}@example.org" for i, queue_id in results.values()} == rows
 
 
+def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database):
+    """Group commit: while one post's transaction runs, the 15 that arrive meanwhile wait
+    and are then committed together, in one transaction (not 15)."""
+    import threading
+    from datetime import UTC, datetime
+
+    from mailsrv.store.queue import INSERT_QUEUED
+
+    others_waiting = threading.Event()
+
+    def queued(i: int):
+        def work(raw):
+            if i == 0:  # the first leads; it holds its transaction until the others wait
+                assert others_waiting.wait(30)
+            return raw.execute(INSERT_QUEUED, {
+                "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
+                "created_at": datetime.now(UTC),
+            }).scalar_one()
+        return work
+
+    results: dict[int, int] = {}
+    first = threading.Thread(target=lambda: results.__setitem__(0, database.write_grouped(queued(0))))
+    first.start()
+    while not database._group_leading:  # until it leads
+        threading.Event().wait(0.001)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, database.write_grouped(queued(i))))
+               for i in range(1, 16)]
+    for t in threads:
+        t.start()
+    while not others_waiting.is_set() and first.is_alive():  # until all 15 are queued behind it
+        with database._group_lock:
+            if len(database._group) == 15:
+                others_waiting.set()
+        threading.Event().wait(0.001)
+    for t in (first, *threads):
+        t.join(60)
+    assert sorted(results) == list(range(16)) and len(set(results.values())) == 16
+    assert database.group_sizes == {1: 1, 15: 1}  # two transactions: the leader's, then the 15
+
+
 def test_raw_connection_that_lost_its_server_is_replaced(database, db_url, monkeypatch):
     """A raw transaction's kept connection whose server side went away (a PostgreSQL
     restart, here its backend terminated): one left idle goes back through the pool's

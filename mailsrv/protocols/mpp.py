@@ -75,6 +75,7 @@ class MppHandler(LineHandler):
     REPLY_INTERNAL = "451 Local error encountered."
     REPLY_UNAVAILABLE = "451 Local error encountered: mail store unavailable, try again later."
     REPLY_SHUTDOWN = "421 Service not available: server shutting down, closing connection."
+    REPLY_NOT_QUEUED = "451 Local error encountered: the message has not been queued, try again later."
 
     def idle_timeout(self) -> float:
         return self.config.mpp.idle_timeout
@@ -138,7 +139,7 @@ class MppHandler(LineHandler):
         except DatabaseUnavailable as exc:
             self.state = REFUSED
             self.log.warning("[%s] %s: message not queued: %s", self.peer, self.account.address, exc)
-            self.send("451 Local error encountered: the message has not been queued, try again later.")
+            self.send(self.REPLY_NOT_QUEUED)
             return
         self.state = POSTED
         self.log.info(

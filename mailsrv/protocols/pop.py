@@ -54,6 +54,12 @@ class PopHandler(LineHandler):
     REPLY_INTERNAL = "-ERR internal error"
     REPLY_UNAVAILABLE = "-ERR mail store unavailable, try again later"
     REPLY_SHUTDOWN = "-ERR server shutting down, closing connection (nothing deleted)"
+    REPLY_USER_NEEDS_NAME = "-ERR USER needs a name"
+    REPLY_PLAINTEXT = "-ERR passwords are not accepted from your network"
+    REPLY_AUTH_FAILED = "-ERR invalid user name or password"
+    REPLY_NOT_YOURS = "-ERR no such mailbox or not yours"
+    REPLY_LOCKED = "-ERR mailbox is locked by another session"
+    REPLY_VANISHED = "-ERR a message vanished from the mailbox"
 
     def idle_timeout(self) -> float:
         return self.config.pop.idle_timeout
@@ -81,19 +87,19 @@ class PopHandler(LineHandler):
 
     def cmd_USER(self, arg: str) -> None:
         if not arg.strip():
-            raise ProtocolError("-ERR USER needs a name")
+            raise ProtocolError(self.REPLY_USER_NEEDS_NAME)
         self.user, self.state = arg.strip(), USER_GIVEN
         self.send("+OK")
 
     def cmd_PASS(self, arg: str) -> None:
         self.state = START
         if not self.auth.plaintext_allowed(self.peer_ip, self.tls_active):
-            raise ProtocolError("-ERR passwords are not accepted from your network", bad=False)
+            raise ProtocolError(self.REPLY_PLAINTEXT, bad=False)
         account = self.auth.check_plain(self.user, arg)
         if account is None:
             self.log.info("[%s] login failed for %r", self.peer, self.user[:100])
             self.auth.fail(self.peer_ip)
-            raise ProtocolError("-ERR invalid user name or password", bad=False)
+            raise ProtocolError(self.REPLY_AUTH_FAILED, bad=False)
         self.auth.succeeded(self.peer_ip)
         self.account, self.state = account, READY
         self.store.directory.record_login(account.id)
@@ -108,10 +114,10 @@ class PopHandler(LineHandler):
 
     def open(self, arg: str, deleting: bool) -> None:
         if not self.own_mailbox(arg):
-            raise ProtocolError("-ERR no such mailbox or not yours", bad=False)
+            raise ProtocolError(self.REPLY_NOT_YOURS, bad=False)
         snapshot = self.store.maildrops.open_maildrop(self.account.id, self.holder, self.lock_ttl)
         if snapshot is None:
-            raise ProtocolError("-ERR mailbox is locked by another session", bad=False)
+            raise ProtocolError(self.REPLY_LOCKED, bad=False)
         self.locked, self.batch, self.deleting = True, snapshot, deleting
         self.total = sum(len(entry) for entry in self.entries())
         self.state = OPENED
@@ -123,7 +129,7 @@ class PopHandler(LineHandler):
             found = self.store.maildrops.read_messages(self.account.id, chunk)
             for message_id in chunk:
                 if message_id not in found:
-                    raise ProtocolError("-ERR a message vanished from the mailbox")
+                    raise ProtocolError(self.REPLY_VANISHED)
                 yield mbox_entry(*found[message_id])
 
     def cmd_RETR(self, arg: str) -> None:

@@ -77,6 +77,23 @@ class Pop3Handler(LineHandler):
     REPLY_IN_USE = "-ERR [IN-USE] maildrop already locked by another session"
     REPLY_SHUTDOWN = "-ERR [SYS/TEMP] server shutting down, closing connection (nothing deleted)"
     REPLY_RPOP = "-ERR RPOP is not supported (insecure); use PASS"
+    REPLY_NO_TLS = "-ERR TLS is not available"
+    REPLY_TLS_ACTIVE = "-ERR TLS is already active"
+    REPLY_USER_NEEDS_NAME = "-ERR USER needs a name"
+    REPLY_NO_APOP = "-ERR APOP is not available"
+    REPLY_APOP_USAGE = "-ERR usage: APOP name digest"
+    REPLY_UNSUPPORTED_MECHANISM = "-ERR unsupported authentication mechanism"
+    REPLY_BAD_PLAIN = "-ERR [AUTH] malformed PLAIN response"
+    REPLY_CRAM_INITIAL = "-ERR CRAM-MD5 takes no initial response"
+    REPLY_BAD_CRAM = "-ERR [AUTH] malformed CRAM-MD5 response"
+    REPLY_SASL_TOO_LONG = "-ERR [AUTH] response too long"
+    REPLY_AUTH_CANCELLED = "-ERR authentication cancelled"
+    REPLY_BAD_NUMBER = "-ERR invalid message number"
+    REPLY_TOP_USAGE = "-ERR usage: TOP message lines"
+    REPLY_BAD_LINES = "-ERR invalid number of lines"
+    REPLY_NO_SUCH_MESSAGE = "-ERR no such message, only {count} in maildrop"
+    REPLY_ALREADY_DELETED = "-ERR message {n} already deleted"
+    REPLY_UNREADABLE = "-ERR [SYS/TEMP] message {n} cannot be read"
 
     # --- session -----------------------------------------------------------------------
 
@@ -144,9 +161,9 @@ class Pop3Handler(LineHandler):
     def cmd_STLS(self, arg: str) -> None:
         """STLS (RFC 2595 section 4): only before login, only once, only when configured."""
         if self.context.tls_context is None:
-            raise ProtocolError("-ERR TLS is not available")
+            raise ProtocolError(self.REPLY_NO_TLS)
         if self.tls_active:
-            raise ProtocolError("-ERR TLS is already active")
+            raise ProtocolError(self.REPLY_TLS_ACTIVE)
         self.send("+OK begin TLS negotiation")
         self.start_tls()
         self.state, self.user = AUTHORIZATION, ""
@@ -156,7 +173,7 @@ class Pop3Handler(LineHandler):
         if not self.plaintext_ok:
             raise ProtocolError(self.REPLY_PLAINTEXT, bad=False)
         if not arg.strip():
-            raise ProtocolError("-ERR USER needs a name")
+            raise ProtocolError(self.REPLY_USER_NEEDS_NAME)
         self.user = arg.strip()
         self.state = USER_GIVEN
         self.send("+OK send PASS")
@@ -173,10 +190,10 @@ class Pop3Handler(LineHandler):
     def cmd_APOP(self, arg: str) -> None:
         """APOP name digest (RFC 1939 section 7), only with [auth] cram_md5 = yes."""
         if not self.timestamp:
-            raise ProtocolError("-ERR APOP is not available")
+            raise ProtocolError(self.REPLY_NO_APOP)
         name, _, digest = arg.strip().rpartition(" ")
         if not name or len(digest) != 32:
-            raise ProtocolError("-ERR usage: APOP name digest")
+            raise ProtocolError(self.REPLY_APOP_USAGE)
         self.login(self.auth.check_apop(name, self.timestamp, digest), name)
 
     def cmd_AUTH(self, arg: str) -> None:
@@ -189,14 +206,14 @@ class Pop3Handler(LineHandler):
         if mechanism not in self.mechanisms():
             if mechanism == "PLAIN" and not self.plaintext_ok:
                 raise ProtocolError(self.REPLY_PLAINTEXT, bad=False)
-            raise ProtocolError("-ERR unsupported authentication mechanism")
+            raise ProtocolError(self.REPLY_UNSUPPORTED_MECHANISM)
         if mechanism == "PLAIN":
             response = initial if initial else self.sasl_exchange("")
             if response == "=":
                 response = ""
             decoded = authmod.decode_plain(response)
             if decoded is None:
-                raise ProtocolError("-ERR [AUTH] malformed PLAIN response")
+                raise ProtocolError(self.REPLY_BAD_PLAIN)
             authzid, authcid, password = decoded
             account = self.auth.check_plain(authcid, password)
             if account and authzid and authzid.lower() != account.address:
@@ -204,13 +221,13 @@ class Pop3Handler(LineHandler):
             self.login(account, authcid)
         else:
             if initial:
-                raise ProtocolError("-ERR CRAM-MD5 takes no initial response")
+                raise ProtocolError(self.REPLY_CRAM_INITIAL)
             challenge = authmod.new_challenge(self.context.hostname).encode()
             response = self.sasl_exchange(base64.b64encode(challenge).decode())
             try:
                 name, _, digest = base64.b64decode(response, validate=True).decode().rpartition(" ")
             except (ValueError, UnicodeDecodeError):
-                raise ProtocolError("-ERR [AUTH] malformed CRAM-MD5 response") from None
+                raise ProtocolError(self.REPLY_BAD_CRAM) from None
             self.login(self.auth.check_cram(name, challenge, digest), name)
 
     def sasl_exchange(self, challenge: str) -> str:
@@ -220,10 +237,10 @@ class Pop3Handler(LineHandler):
         if line is None:
             raise ConnectionAbortedError("client left during AUTH")
         if not isinstance(line, bytes):
-            raise ProtocolError("-ERR [AUTH] response too long")
+            raise ProtocolError(self.REPLY_SASL_TOO_LONG)
         answer = line.decode("ascii", "replace").strip()
         if answer == "*":
-            raise ProtocolError("-ERR authentication cancelled", bad=False)
+            raise ProtocolError(self.REPLY_AUTH_CANCELLED, bad=False)
         return answer
 
     def login(self, account, name: str) -> None:
@@ -256,13 +273,13 @@ class Pop3Handler(LineHandler):
         """A message number argument: decimal digits naming a message not marked deleted."""
         text = text.strip()
         if not is_decimal(text):
-            raise ProtocolError("-ERR invalid message number")
+            raise ProtocolError(self.REPLY_BAD_NUMBER)
         n = int(text)
         if not 1 <= n <= len(self.messages):
-            raise ProtocolError(f"-ERR no such message, only {len(self.messages)} in maildrop", bad=False)
+            raise ProtocolError(self.REPLY_NO_SUCH_MESSAGE.format(count=len(self.messages)), bad=False)
         message = self.messages[n - 1]
         if message.id in self.deleted:
-            raise ProtocolError(f"-ERR message {n} already deleted", bad=False)
+            raise ProtocolError(self.REPLY_ALREADY_DELETED.format(n=n), bad=False)
         return n, message
 
     def listing(self, arg: str, field: str, what: str) -> None:
@@ -299,7 +316,7 @@ class Pop3Handler(LineHandler):
         self.cache = self.store.maildrops.read_bodies(self.account.id, next(batches_by_size(ahead, READ_AHEAD)))
         body = self.cache.pop(message.id, None)
         if body is None:
-            raise ProtocolError(f"-ERR [SYS/TEMP] message {n} cannot be read", bad=False)
+            raise ProtocolError(self.REPLY_UNREADABLE.format(n=n), bad=False)
         return body
 
     def cmd_RETR(self, arg: str) -> None:
@@ -312,10 +329,10 @@ class Pop3Handler(LineHandler):
     def cmd_TOP(self, arg: str) -> None:
         parts = arg.split()
         if len(parts) != 2:
-            raise ProtocolError("-ERR usage: TOP message lines")
+            raise ProtocolError(self.REPLY_TOP_USAGE)
         n, message = self.number(parts[0])
         if not is_decimal(parts[1]):
-            raise ProtocolError("-ERR invalid number of lines")
+            raise ProtocolError(self.REPLY_BAD_LINES)
         body, offsets = self.cache[message.id] = self.body(n, message)  # TOP keeps it cached
         text = bytes(body)
         head = top(text, int(parts[1]))

@@ -28,7 +28,8 @@ LOCK_OF = (
 )
 DROP_LOCK = delete(MaildropLock).where(MaildropLock.account_id == bindparam("account"))
 INSERT_LOCK = insert(MaildropLock)
-_OUR_LOCK = (MaildropLock.account_id == bindparam("account"), MaildropLock.holder == bindparam("holder"))
+#: (bind names differ from the columns' own: an UPDATE reserves those for its SET values)
+_OUR_LOCK = (MaildropLock.account_id == bindparam("account"), MaildropLock.holder == bindparam("lock_holder"))
 RELEASE_LOCK = delete(MaildropLock).where(*_OUR_LOCK)
 RENEW_LOCK = update(MaildropLock).where(*_OUR_LOCK).values(expires_at=bindparam("expires"))
 SNAPSHOT = (
@@ -36,7 +37,7 @@ SNAPSHOT = (
     .where(Message.account_id == bindparam("account"))
     .order_by(Message.id)
 )
-_ONE_MESSAGE = (Message.account_id == bindparam("account"), Message.id == bindparam("id"))
+_ONE_MESSAGE = (Message.account_id == bindparam("account"), Message.id == bindparam("message"))
 DELETE_MESSAGE = delete(Message).where(*_ONE_MESSAGE)
 SET_SEEN = update(Message).where(*_ONE_MESSAGE).values(seen=bindparam("seen"))
 INSERT_MESSAGE = insert(Message).returning(Message.id)
@@ -80,12 +81,12 @@ def _delete_in(raw, account_id: int, ids: Sequence[int]) -> int:
     (One statement per message, run as one executemany, whose rowcount is the sum.)"""
     if not ids:
         return 0
-    return raw.execute(DELETE_MESSAGE, [{"account": account_id, "id": i} for i in ids]).rowcount
+    return raw.execute(DELETE_MESSAGE, [{"account": account_id, "message": i} for i in ids]).rowcount
 
 
 def _set_seen_in(raw, account_id: int, ids: Sequence[int], seen: bool) -> None:
     if ids:
-        raw.execute(SET_SEEN, [{"account": account_id, "id": i, "seen": seen} for i in ids])
+        raw.execute(SET_SEEN, [{"account": account_id, "message": i, "seen": seen} for i in ids])
 
 
 def _take_lock(raw, account_id: int, holder: str, ttl: float) -> bool:
@@ -128,7 +129,7 @@ class Maildrops:
         with self.db.write_raw(durable=bool(delete_ids)) as raw:
             removed = _delete_in(raw, account_id, delete_ids)
             _set_seen_in(raw, account_id, seen_ids, True)
-            raw.execute(RELEASE_LOCK, {"account": account_id, "holder": holder})
+            raw.execute(RELEASE_LOCK, {"account": account_id, "lock_holder": holder})
         return removed
 
     def snapshot(self, account_id: int) -> list[MessageInfo]:
@@ -237,12 +238,12 @@ class Maildrops:
         """Extend our lock by ``ttl`` seconds from now; False if we no longer hold it."""
         with self.db.write_raw(durable=False) as raw:
             expires = utcnow() + timedelta(seconds=ttl)
-            return raw.execute(RENEW_LOCK, {"account": account_id, "holder": holder, "expires": expires}).rowcount == 1
+            return raw.execute(RENEW_LOCK, {"account": account_id, "lock_holder": holder, "expires": expires}).rowcount == 1
 
     def release_lock(self, account_id: int, holder: str) -> None:
         """Drop our lock (nothing happens if it is not ours any more)."""
         with self.db.write_raw(durable=False) as raw:
-            raw.execute(RELEASE_LOCK, {"account": account_id, "holder": holder})
+            raw.execute(RELEASE_LOCK, {"account": account_id, "lock_holder": holder})
 
     def release_dead_locks(self) -> int:
         """Remove the locks of dead processes of this host; return how many."""
