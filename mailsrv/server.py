@@ -137,6 +137,10 @@ class ServerContext:
 def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # a read that meets the end of the connection without the peer's close_notify (a
+    # client that just hangs up, or our own stop cutting the session's reading off) is
+    # the end of input, not a fatal error: the session can still say goodbye over TLS
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     context.load_cert_chain(certfile, keyfile)
     return context
 
@@ -358,8 +362,9 @@ class LineHandler(socketserver.BaseRequestHandler):
         end of input, and the session thread says REPLY_SHUTDOWN and ends. ``force`` also
         cuts off writing, for a session that did not end in time."""
         self.stopping = True
-        try:
-            self.request.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
+        sock = self.stream.sock if self.stream is not None else self.request
+        try:  # (socket's own shutdown: on a TLS socket too, below its TLS layer)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR if force else socket.SHUT_RD)
         except OSError:
             pass
 

@@ -337,3 +337,17 @@ def test_plain_address_shortcut_reads_as_the_parser_does(value, monkeypatch):
     quick = message.addresses(field, ("to",))
     monkeypatch.setattr(message, "_PLAIN_ADDRESS", re.compile(r"(?!)"))  # never matches
     assert quick == message.addresses(field, ("to",))
+
+
+def test_server_stop_says_421_to_open_sessions(app, mpp, database):
+    """A session cut off because the server stops hears 421 (the SMTP-style reply for a
+    closing service), mid-command or idle, and is then closed."""
+    idle, busy = mpp(), mpp(login=True)
+    busy.send("DATA")
+    assert busy.line().startswith("354")
+    busy.send("To: bob@example.org\r\n\r\nhalf a message")  # no end: the text is being read
+    assert app.stop()
+    for c in (idle, busy):
+        assert c.line() == MppHandler.REPLY_SHUTDOWN
+        assert c.closed()
+    assert queued(database) == []  # the half message was not queued

@@ -14,7 +14,7 @@ import pytest
 from mailsrv.auth import Authenticator
 from mailsrv.config import AuthConfig
 from mailsrv.db import Database, DatabaseUnavailable, upgrade
-from mailsrv.server import ConnectionLimiter, LineHandler, MailServer, ProtocolError, ServerContext
+from mailsrv.server import ConnectionLimiter, LineHandler, MailServer, ProtocolError, ServerContext, make_tls_context
 from mailsrv.store import Store
 
 from .conftest import LineClient, make_config
@@ -107,8 +107,7 @@ def context(tmp_path, certificate):
     upgrade(database)
     store = Store(database)
     config = make_config(url, tmp_path)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(*certificate)
+    tls = make_tls_context(*certificate)
     yield ServerContext(
         config=config, store=store, auth=Authenticator(store, AuthConfig(bcrypt_rounds=4)),
         limiter=ConnectionLimiter(1000, 50), tls_context=tls,
@@ -332,6 +331,33 @@ def test_stop_closes_sessions(serve):
         assert c.line() == "BYE shutting down"
         assert c.closed()
         c.close()
+
+
+def test_stop_tells_tls_sessions_too(serve):
+    """A session over implicit TLS and one upgraded with STARTTLS hear the shutdown reply
+    over TLS, then the connection closes."""
+    plain, implicit = serve(), serve(implicit_tls=True)
+    client_ctx = ssl.create_default_context()
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    first = client_ctx.wrap_socket(socket.create_connection(implicit.address, timeout=10), server_hostname="localhost")
+    raw = socket.create_connection(plain.address, timeout=10)
+    raw.sendall(b"STARTTLS\r\n")
+    assert raw.recv(4096) == b"HELLO\r\nOK go ahead\r\n"
+    second = client_ctx.wrap_socket(raw, server_hostname="localhost")
+    readers = [first.makefile("rb"), second.makefile("rb")]
+    assert readers[0].readline() == b"HELLO\r\n"
+    second.sendall(b"ECHO upgraded\r\n")
+    assert readers[1].readline() == b"OK upgraded\r\n"
+    for server in (plain, implicit):
+        server.shutdown()
+        server.close_sessions()
+        assert server.wait_sessions(time.monotonic() + 5)
+    for reader in readers:
+        assert reader.readline() == b"BYE shutting down\r\n"
+        assert reader.read() == b""
+    first.close()
+    second.close()
 
 
 class _RecordingSocket:
