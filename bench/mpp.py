@@ -41,8 +41,8 @@ from pathlib import Path
 from common import (
     MailsrvWithStore,
     add_variant_arguments,
-    hold_on_cpu,
     free_port,
+    hold_on_cpu,
     percentile,
     print_side_by_side,
     raise_fd_limit,

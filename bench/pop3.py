@@ -39,9 +39,8 @@ import bcrypt
 from common import (
     MailsrvWithStore,
     add_variant_arguments,
-    hold_on_cpu,
-    self_signed_certificate,
     free_port,
+    hold_on_cpu,
     now,
     percentile,
     print_side_by_side,
@@ -50,6 +49,7 @@ from common import (
     read_until,
     rss_mb,
     rss_parts_mb,
+    self_signed_certificate,
     temp_folder,
 )
 

@@ -14,7 +14,14 @@ import pytest
 from mailsrv.auth import Authenticator
 from mailsrv.config import AuthConfig
 from mailsrv.db import Database, DatabaseUnavailable, upgrade
-from mailsrv.server import ConnectionLimiter, LineHandler, MailServer, ProtocolError, ServerContext, make_tls_context
+from mailsrv.server import (
+    ConnectionLimiter,
+    LineHandler,
+    MailServer,
+    ProtocolError,
+    ServerContext,
+    make_tls_context,
+)
 from mailsrv.store import Store
 
 from .conftest import LineClient, make_config
