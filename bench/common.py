@@ -244,7 +244,7 @@ def free_port() -> int:
 
 
 def print_side_by_side(results: dict[str, dict[str, float]], width: int, decimals: int) -> None:
-    """One line per figure, one column per server, and mailsrv/peer when there are two."""
+    """One line per figure, one column per server, and first / second when there are two."""
     names = list(results)
     print()
     header = f"{'figure':{width}}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) == 2 else "")

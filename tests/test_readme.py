@@ -38,3 +38,18 @@ def test_schema_readme_queries_run(store, accounts, database):
         for statement in filter(None, (s.strip() for s in block.split(";"))):
             with database.write() as s:
                 s.execute(text(statement), {k: v for k, v in params.items() if f":{k}" in statement})
+
+
+def test_the_design_is_in_the_repository_and_every_reference_resolves():
+    """docs/design.md is the project's account of its design: nothing refers to a design
+    document outside the repository, and every file or folder the docs name exists."""
+    sources = [ROOT / "README.md", ROOT / "docs" / "design.md", ROOT / "bench" / "README.md",
+               *ROOT.glob("mailsrv/**/*.py"), *ROOT.glob("bench/*.py")]
+    named = set()
+    for path in sources:
+        text = path.read_text()
+        assert "DESIGN.md" not in text and "../" not in text.replace("../..", ""), path
+        named |= set(re.findall(r"(?<![/\w])((?:mailsrv|docs|bench|tests|schema|scripts)/[\w.*-][\w./*-]*\w)", text))
+    missing = [name for name in sorted(named) if not any(ROOT.glob(name))]
+    assert not missing
+    assert len(named) >= 20
