@@ -39,14 +39,19 @@ log = logging.getLogger("mailsrv.app")
 STOP_GRACE = 5.0
 M_ARENA_MAX = -8  # glibc mallopt parameter
 
-#: config section -> (module, handler class, has listen_tls)
-PROTOCOLS: dict[str, tuple[str, str]] = {
-    "pop3": ("mailsrv.protocols.pop3", "Pop3Handler"),
-    "pop": ("mailsrv.protocols.pop", "PopHandler"),
-    "mpp": ("mailsrv.protocols.mpp", "MppHandler"),
-}
+#: every listener: (config section, its key, module, handler class, implicit TLS)
+LISTENERS: tuple[tuple[str, str, str, str, bool], ...] = (
+    ("pop3", "listen", "mailsrv.protocols.pop3", "Pop3Handler", False),
+    ("pop3", "listen_tls", "mailsrv.protocols.pop3", "Pop3Handler", True),
+    ("pop", "listen", "mailsrv.protocols.pop", "PopHandler", False),
+    ("mpp", "listen", "mailsrv.protocols.mpp", "MppHandler", False),
+    ("mpp", "listen_tls", "mailsrv.protocols.mpp", "MppHandler", True),
+    ("smtp", "listen", "mailsrv.protocols.smtp", "SmtpHandler", False),
+    ("smtp", "submission", "mailsrv.protocols.smtp", "SubmissionHandler", False),
+    ("smtp", "submission_tls", "mailsrv.protocols.smtp", "SubmissionHandler", True),
+)
 #: sections of the config whose servers come with later work; their keys are accepted
-NOT_YET_SERVED = ("odmr", "smtp")
+NOT_YET_SERVED = ("odmr",)
 
 
 def tune_malloc() -> None:
@@ -105,22 +110,17 @@ class App:
             log.info("took back %d delivery lease(s) of dead processes", taken)
 
     def bind(self) -> None:
-        for section, (module_name, class_name) in PROTOCOLS.items():
-            settings = getattr(self.config, section)
-            plain = settings.listen
-            implicit = getattr(settings, "listen_tls", ())
-            if not plain and not implicit:
+        for section, key, module_name, class_name, implicit_tls in LISTENERS:
+            addresses = getattr(getattr(self.config, section), key)
+            if not addresses:
                 continue
+            if implicit_tls and self.context.tls_context is None:
+                raise SystemExit(f"[{section}] {key} needs [tls] certfile and keyfile")
             handler = getattr(importlib.import_module(module_name), class_name)
-            for address in plain:
-                self._bind_one(address, handler, implicit_tls=False)
-            for address in implicit:
-                if self.context.tls_context is None:
-                    raise SystemExit(f"[{section}] listen_tls needs [tls] certfile and keyfile")
-                self._bind_one(address, handler, implicit_tls=True)
+            for address in addresses:
+                self._bind_one(address, handler, implicit_tls=implicit_tls)
         for section in NOT_YET_SERVED:
-            settings = getattr(self.config, section)
-            if any(getattr(settings, key, ()) for key in ("listen", "submission")):
+            if getattr(self.config, section).listen:
                 log.info("[%s] is configured but not served by this version", section)
 
     def _bind_one(self, address, handler, *, implicit_tls: bool) -> None:

@@ -160,6 +160,19 @@ class Authenticator:
             return None
         return account if check_password(password, account.password_hash) else None
 
+    def check_sasl_plain(self, response: str) -> tuple[str, AccountInfo | None] | None:
+        """An AUTH PLAIN response (RFC 4616) checked: (the login name, the account or None);
+        None when the response is malformed. An authorization identity other than the
+        account itself fails: no one may act as another."""
+        decoded = decode_plain(response)
+        if decoded is None:
+            return None
+        authzid, name, password = decoded
+        account = self.check_plain(name, password)
+        if account and authzid and authzid.lower() != account.address:
+            account = None
+        return name, account
+
     def check_cram(self, address: str, challenge: bytes, digest: str) -> AccountInfo | None:
         """The account if ``digest`` is the CRAM-MD5 answer to ``challenge``, else None."""
         account = self.store.directory.find_account(address) if "@" in address else None

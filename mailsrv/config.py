@@ -74,6 +74,7 @@ class OdmrConfig:
 class SmtpConfig:
     listen: tuple[Address, ...] = (("0.0.0.0", 25),)
     submission: tuple[Address, ...] = (("0.0.0.0", 587),)
+    submission_tls: tuple[Address, ...] = ()
     max_message_size: int = 25 * 1024 * 1024
     max_received_headers: int = 100
 
@@ -258,6 +259,7 @@ PARSERS: dict[str, dict[str, Any]] = {
     "smtp": {
         "listen": parse_listen,
         "submission": parse_listen,
+        "submission_tls": parse_listen,
         "max_message_size": parse_size,
         "max_received_headers": _positive_int,
     },

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from email.utils import getaddresses
+from email.utils import formatdate, getaddresses, make_msgid
 
 CRLF = b"\r\n"
 _BARE_LINE_END = re.compile(rb"\r?\n|\r(?!\n)")
@@ -179,3 +179,40 @@ def posting_recipients(fields: list[bytes]) -> list[str]:
     if any(field_name(f).startswith("resent-") for f in fields):
         return addresses(fields, ("resent-to", "resent-cc", "resent-bcc"))
     return addresses(fields, ("to", "cc", "bcc"))
+
+
+class PostingRefused(ValueError):
+    """A posted message that will never be accepted; the text says why."""
+
+
+def count_received(fields: list[bytes]) -> int:
+    return sum(1 for f in fields if field_name(f) == "received")
+
+
+def complete_posting(
+    fields: list[bytes], rest: bytes, poster: str, from_policy: str, hostname: str, trace: bytes,
+    dropped: tuple[str, ...] = (), date: str | None = None,
+) -> bytes:
+    """A message posted by an authenticated ``poster`` (MPP, submission), as it is queued:
+    the ``trace`` (Received) field first, the ``dropped`` fields removed, and what is
+    missing added: From absent -> ``From: <poster>``; From naming someone else ->
+    ``Sender: <poster>`` (``from_policy = sender``) or PostingRefused (``reject``);
+    Message-ID and Date (``date``, else now) where there are none."""
+    names = [field_name(f) for f in fields]
+    drop = set(dropped)
+    added: list[bytes] = []
+    senders = addresses(fields, ("from",))
+    if not senders:
+        added.append(header_line("From", f"<{poster}>"))
+    elif [s.lower() for s in senders] != [poster]:
+        if from_policy == "reject":
+            raise PostingRefused(f"From: {', '.join(senders)} is not the poster {poster}")
+        drop.add("sender")
+        added.append(header_line("Sender", f"<{poster}>"))
+    kept = [f for f, name in zip(fields, names, strict=True) if name not in drop]
+    if "message-id" not in names:
+        added.append(header_line("Message-ID", make_msgid(domain=hostname)))
+    if "date" not in names:
+        added.append(header_line("Date", date or formatdate(localtime=True)))
+    return trace + b"".join(kept) + b"".join(added) + rest
+

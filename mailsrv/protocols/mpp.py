@@ -36,7 +36,7 @@ client that disconnects during the text queues nothing.
 
 from __future__ import annotations
 
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from typing import ClassVar
 
 from .. import message as msg
@@ -159,30 +159,19 @@ class MppHandler(LineHandler):
         for address in recipients:
             if not msg.is_address(address):
                 raise Refusal(f"bad recipient address {address!r}")
-        names = [msg.field_name(f) for f in fields]
-        received = names.count("received")
+        received = msg.count_received(fields)
         if received > self.config.smtp.max_received_headers:
             raise Refusal(f"mail loop: {received} Received fields")
-        poster = self.account.address
-        dropped = {"bcc", "resent-bcc"}
-        added: list[bytes] = []
-        senders = msg.addresses(fields, ("from",))
-        if not senders:
-            added.append(msg.header_line("From", f"<{poster}>"))
-        elif [s.lower() for s in senders] != [poster]:
-            if self.config.mpp.from_policy == "reject":
-                raise Refusal(f"From: {', '.join(senders)} is not the poster {poster}")
-            dropped.add("sender")
-            added.append(msg.header_line("Sender", f"<{poster}>"))
-        kept = [f for f, name in zip(fields, names, strict=True) if name not in dropped]
-        if "message-id" not in names:
-            added.append(msg.header_line("Message-ID", make_msgid(domain=self.context.hostname)))
-        now = formatdate(localtime=True)
-        if "date" not in names:
-            added.append(msg.header_line("Date", now))
         protocol = "MPP with TLS" if self.tls_active else "MPP"
+        now = formatdate(localtime=True)
         trace = msg.header_line(
-            "Received",
-            f"from [{self.peer_ip}] by {self.context.hostname} (mailsrv) with {protocol};\r\n\t{now}",
+            "Received", f"from [{self.peer_ip}] by {self.context.hostname} (mailsrv) with {protocol};\r\n\t{now}"
         )
-        return trace + b"".join(kept) + b"".join(added) + rest, recipients
+        try:
+            body = msg.complete_posting(
+                fields, rest, self.account.address, self.config.mpp.from_policy, self.context.hostname, trace,
+                dropped=("bcc", "resent-bcc"), date=now,
+            )
+        except msg.PostingRefused as exc:
+            raise Refusal(str(exc)) from None
+        return body, recipients

@@ -211,14 +211,10 @@ class Pop3Handler(LineHandler):
             response = initial if initial else self.sasl_exchange("")
             if response == "=":
                 response = ""
-            decoded = authmod.decode_plain(response)
-            if decoded is None:
+            checked = self.auth.check_sasl_plain(response)
+            if checked is None:
                 raise ProtocolError(self.REPLY_BAD_PLAIN)
-            authzid, authcid, password = decoded
-            account = self.auth.check_plain(authcid, password)
-            if account and authzid and authzid.lower() != account.address:
-                account = None  # no proxy authorization
-            self.login(account, authcid)
+            self.login(checked[1], checked[0])
         else:
             if initial:
                 raise ProtocolError(self.REPLY_CRAM_INITIAL)
