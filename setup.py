@@ -21,7 +21,7 @@ setup(
         "dnspython>=2.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "aiosmtpd>=1.4"],
         "lint": ["ruff>=0.4"],
     },
     entry_points={"console_scripts": ["mailsrv = mailsrv.cli:main"]},

@@ -146,6 +146,9 @@ class App:
         """Run the paths that import more on first use (the standard library's email
         package does) once, so that nothing needs the Python installation after the
         privileges are gone: it may not be readable by the unprivileged user."""
+        from .delivery import relay
+
+        relay.load_everything()
         sample = b"To: a@example.org\r\n\r\nx\r\n"
         posting_recipients(split_header(sample)[0])
         build_bounce("localhost", "a@example.org", datetime.now(UTC), sample, [("b@example.org", "5.1.1", "x")])

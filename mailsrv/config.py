@@ -91,6 +91,8 @@ class DeliveryConfig:
     max_backoff: float = 3600.0
     queue_lifetime: float = 5 * 86400.0
     bounce_lifetime: float = 5 * 86400.0
+    resolver: str = ""
+    destination_concurrency: int = 10
 
 
 DEFAULT_PLAINTEXT_NETWORKS = (
@@ -274,6 +276,8 @@ PARSERS: dict[str, dict[str, Any]] = {
         "max_backoff": parse_duration,
         "queue_lifetime": parse_duration,
         "bounce_lifetime": parse_duration,
+        "resolver": _text,
+        "destination_concurrency": _positive_int,
     },
     "auth": {
         "bcrypt_rounds": _rounds,

@@ -51,6 +51,7 @@ from ..db import DatabaseUnavailable
 from ..models import utcnow
 from ..store import Action, Claimed, Outcome, Resolver, Route, Store, lock_holder
 from .bounce import build_bounce
+from .relay import Destinations, Relay
 
 log = logging.getLogger("mailsrv.delivery")
 
@@ -144,21 +145,29 @@ class Worker:
 
 
 class DeliveryPool:
-    """``[delivery] workers`` threads running :class:`Worker` loops."""
+    """``[delivery] workers`` threads running :class:`Worker` loops, and as many running
+    :class:`~mailsrv.delivery.relay.Relay` loops for mail to other domains."""
 
     def __init__(self, store: Store, config: Config):
         self.store = store
         self.config = config
         self.workers = [Worker(store, config, f"w{i + 1}") for i in range(config.delivery.workers)]
         self.poster = Worker(store, config, "post")  # decides for sessions' posts (no state)
+        destinations = Destinations(config)
+        self.relays = [
+            Relay(store, config, destinations, f"r{i + 1}", bounce=self.poster.bounce)
+            for i in range(config.delivery.workers)
+        ]
         self._wake = threading.Semaphore(0)  # one token per wake-up: one worker per message
+        self._relay_wake = threading.Semaphore(0)
         self._stop = threading.Event()
         self._progress = threading.Condition()
         self._threads: list[threading.Thread] = []
 
     def wake(self) -> None:
-        """Something was queued: one worker looks now."""
+        """Something was queued: one worker and one relay look now."""
         self._wake.release()
+        self._relay_wake.release()
 
     def post(self, sender: str, body: bytes, recipients, origin: str, account_id: int | None = None) -> int:
         """Queue a message from a session (MPP, SMTP), delivering it to local mailboxes in
@@ -179,15 +188,17 @@ class DeliveryPool:
             return self._progress.wait_for(predicate, timeout)
 
     def start(self) -> None:
-        for worker in self.workers:
-            thread = threading.Thread(target=self._loop, args=(worker,), name=f"delivery-{worker.owner}", daemon=True)
+        runners = [(w, self._wake, f"delivery-{w.owner}") for w in self.workers]
+        runners += [(r, self._relay_wake, f"relay-{r.owner}") for r in self.relays]
+        for runner, wake, name in runners:
+            thread = threading.Thread(target=self._loop, args=(runner, wake), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    def _loop(self, worker: Worker) -> None:
+    def _loop(self, runner, wake: threading.Semaphore) -> None:
         while not self._stop.is_set():
             try:
-                handled = worker.run_once()
+                handled = runner.run_once()
             except DatabaseUnavailable as exc:
                 log.warning("delivery paused: database unavailable: %s", exc)
                 handled = 0
@@ -199,11 +210,12 @@ class DeliveryPool:
             with self._progress:
                 self._progress.notify_all()
             if not handled:
-                self._wake.acquire(timeout=POLL)
+                wake.acquire(timeout=POLL)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         for _ in self._threads:
             self._wake.release()
+            self._relay_wake.release()
         for thread in self._threads:
             thread.join(timeout)

@@ -69,7 +69,11 @@ class Leases:
     def claim_remote(self, owner: str, lease: float, limit: int = 100) -> list[Claimed]:
         """Lease up to ``limit`` due recipients in domains we do not serve (the relay's
         work) to ``owner`` for ``lease`` seconds: queued ones whose time has come, then
-        those whose lease ran out. PostgreSQL skips rows another claim has locked."""
+        those whose lease ran out. PostgreSQL skips rows another claim has locked. A plain
+        read looks first, so an idle relay takes no write lock."""
+        with self.db.read_raw() as raw:
+            if not due_in(raw, (REMOTE_QUEUED, REMOTE_EXPIRED), {"now": utcnow()}, 1, lock=False):
+                return []
         return self._claim(owner, lease, limit, (REMOTE_QUEUED, REMOTE_EXPIRED), {})
 
     def claim_held(self, owner: str, domains: Iterable[str], lease: float, limit: int = 1000) -> list[Claimed]:

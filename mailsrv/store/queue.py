@@ -206,9 +206,11 @@ def settle_in(
         }
         if outcome.action == Action.FORWARD:
             values["last_error"] = "forwarded to " + ", ".join(outcome.targets)
+        elif outcome.action == Action.SENT and outcome.error:
+            values["last_error"] = outcome.error  # the next hop's reply
         elif outcome.action == Action.RETRY:
             values.update(
-                attempts=c.attempts + 1, last_error=f"{outcome.status} {outcome.error}".strip(),
+                attempts=c.attempts + 1, last_error=outcome.error,
                 next_attempt_at=now + timedelta(seconds=outcome.delay),
             )
         elif outcome.action == Action.FAIL:
@@ -285,6 +287,11 @@ class Queue:
             return queue_id, len(unique) - len(delivered)
 
         return self.db.write_grouped(work)
+
+    def bodies(self, queue_ids) -> dict[int, bytes]:
+        """{queue id: the message as queued} (the relay's read before it sends)."""
+        with self.db.read_raw() as raw:
+            return queue_bodies_in(raw, queue_ids)
 
     def has_due(self) -> bool:
         """Is any recipient in our domains due (a plain read: no write lock)?"""
