@@ -19,6 +19,7 @@ setup(
         "bcrypt>=4.0",
         "psycopg[binary]>=3.1",
         "dnspython>=2.4",
+        "dkimpy>=1.1",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "aiosmtpd>=1.4"],

@@ -121,6 +121,13 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    selector: str = "mailsrv"
+    key_dir: str = "dkim"
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = ""
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -132,6 +139,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
 
     def replace(self, **sections: dict[str, Any]) -> Config:
         """A copy with some keys changed, e.g. ``cfg.replace(auth={"failure_delay": 0})``."""
@@ -286,6 +294,7 @@ PARSERS: dict[str, dict[str, Any]] = {
         "cram_md5": parse_bool,
     },
     "tls": {"certfile": _text, "keyfile": _text},
+    "dkim": {"selector": _text, "key_dir": _text, "domains": lambda t: tuple(t.lower().replace(",", " ").split())},
 }
 
 SECTION_CLASSES = {
@@ -298,6 +307,7 @@ SECTION_CLASSES = {
     "delivery": DeliveryConfig,
     "auth": AuthConfig,
     "tls": TlsConfig,
+    "dkim": DkimConfig,
 }
 
 
@@ -363,6 +373,8 @@ def load_config(path: str | None = None) -> Config:
     sections["tls"] = TlsConfig(
         certfile=_resolve_path(tls.certfile, base), keyfile=_resolve_path(tls.keyfile, base)
     )
+    dkim = sections.get("dkim", DkimConfig())
+    sections["dkim"] = dataclasses.replace(dkim, key_dir=_resolve_path(dkim.key_dir, base))
     delivery = sections.get("delivery")
     if delivery and delivery.min_backoff > delivery.max_backoff:
         raise ConfigError(f"{path}: [delivery] min_backoff: larger than max_backoff")

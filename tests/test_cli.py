@@ -242,3 +242,13 @@ def test_password_asked_twice_on_a_terminal(conf, run, db_url):
     status, shown = run_on_terminal(conf, ["user", "add", "typo@example.org"], ["one", "two"])
     assert status == 1 and "differ" in shown
     assert rows(db_url, "SELECT count(*) FROM accounts WHERE address = 'typo@example.org'") == [(0,)]
+
+
+def test_dkim_keygen_writes_a_private_key_and_prints_the_record(run, tmp_path):
+    status, out, _ = run("dkim", "keygen", "Example.ORG")
+    key = tmp_path / "dkim" / "example.org.mailsrv.key"  # [dkim] key_dir, beside the config
+    assert status == 0 and f"key written to {key}" in out
+    assert 'mailsrv._domainkey.example.org. IN TXT ( "v=DKIM1; k=rsa; p=' in out
+    assert key.stat().st_mode & 0o777 == 0o600
+    status, _, err = run("dkim", "keygen", "example.org")
+    assert status == 1 and "exists already" in err  # never overwritten

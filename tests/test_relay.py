@@ -361,3 +361,39 @@ def test_verified_tls_refuses_an_untrusted_certificate(store, database, smarthos
     recipient, state, _, error = rows(database)[0]
     assert state == "queued" and "CERTIFICATE_VERIFY_FAILED" in error
     assert script.received == []
+
+
+def test_dkim_signed_mail_verifies_against_the_published_key(store, database, smarthost, relay_for, tmp_path):
+    """`mailsrv dkim keygen` makes the key and the record; the relay signs mail of the
+    domain; dkimpy verifies the relayed message against the record, served by DNS."""
+    import re
+
+    import dkim
+    import dns.resolver
+
+    from mailsrv import dkim as dkimmod
+
+    config = make_config("sqlite://", tmp_path, dkim={"domains": ("example.org",), "key_dir": str(tmp_path / "keys")})
+    _, record = dkimmod.keygen(config, "example.org")
+    name, strings = re.fullmatch(r"(\S+)\. IN TXT \( (.+) \)", record).groups()
+    assert name == "mailsrv._domainkey.example.org"
+    dns_server = TinyDns({(name, "TXT"): [strings]})
+    script, server = smarthost()
+    relay, _ = relay_for(relayhost=f"127.0.0.1:{server.port}")
+    relay.signer = dkimmod.Signer(config)
+    store.queue.enqueue(ANN, BODY, ["x@remote.example"], "mpp")
+    store.queue.enqueue("someone@elsewhere.example", b"From: someone@elsewhere.example\r\n\r\nx\r\n", ["y@remote.example"], "mpp")
+    relay.run_once()
+    signed, unsigned = sorted((r[2] for r in script.received), key=len, reverse=True)
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.org;")
+    assert not unsigned.startswith(b"DKIM-Signature")
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port = ["127.0.0.1"], dns_server.port
+
+    def txt(qname, timeout=5):
+        return b"".join(b"".join(r.strings) for r in resolver.resolve(qname.decode().rstrip("."), "TXT"))
+
+    assert dkim.verify(signed, dnsfunc=txt)
+    assert not dkim.verify(signed.replace(b"hello", b"HELLO"), dnsfunc=txt)  # a changed body fails
+    dns_server.close()

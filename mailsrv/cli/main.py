@@ -49,6 +49,20 @@ def cmd_db(config: Config | None, args) -> int:
     return EXIT_OK
 
 
+def cmd_dkim(config: Config, args) -> int:
+    from .. import dkim
+
+    try:
+        path, record = dkim.keygen(config, args.domain)
+    except dkim.DkimError as exc:
+        raise Refused(str(exc)) from None
+    print(f"key written to {path}")
+    if args.domain.strip().lower().rstrip(".") not in config.dkim.domains:
+        print(f"add {args.domain.lower()} to [dkim] domains to sign its mail; publish this record:")
+    print(record)
+    return EXIT_OK
+
+
 STORE_COMMANDS = {
     "domain": cmd_domain,
     "user": cmd_user,
@@ -126,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("show", "hold", "release", "del"):
         qsub.add_parser(name).add_argument("id", type=int)
 
+    p = sub.add_parser("dkim", help="DKIM keys of the domains whose outbound mail is signed")
+    ksub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ksub.add_parser("keygen", help="make the domain's key; print the DNS record to publish").add_argument("domain")
+
     p = sub.add_parser("mailbox", help="mailbox contents")
     msub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     msub.add_parser("list").add_argument("address")
@@ -146,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(config, args)
         if args.command == "db":
             return cmd_db(config, args)
+        if args.command == "dkim":
+            return cmd_dkim(config, args)
         database = dbmod.Database(config.server.database)
         try:
             if not dbmod.schema_ready(database):

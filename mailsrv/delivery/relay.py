@@ -26,6 +26,7 @@ MX records (dnspython; ``[delivery] resolver`` picks a DNS server): in preferenc
 ties shuffled, each host tried in turn; no MX means the domain's own address; NXDOMAIN or
 a null MX (``0 .``) fail for good, SERVFAIL or a timeout retry. MX hosts get opportunistic
 STARTTLS. At most ``destination_concurrency`` sessions run to one destination at once.
+Messages of the ``[dkim] domains`` are DKIM-signed on the way out (``mailsrv.dkim``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
+import dkim
 import dns.exception
 import dns.resolver
 
 from ..config import Config
+from ..dkim import Signer
 from ..models import utcnow
 from ..store import Action, Claimed, Outcome, Store, lock_holder
 
@@ -146,6 +149,7 @@ class Relay:
         self.destinations = destinations
         self.owner = lock_holder(name)
         self.bounce = bounce
+        self.signer = Signer(config)
 
     def run_once(self) -> int:
         claimed = self.store.leases.claim_remote(self.owner, self.config.delivery.lease, BATCH)
@@ -187,7 +191,12 @@ class Relay:
                         except TemporaryFailure as exc:
                             outcomes += [self.retry(c, "4.4.1", str(exc)) for c in recipients]
                             continue
-                    done, session = self.send(session, host, recipients, bodies[queue_id])
+                    try:
+                        body = self.signer.sign(recipients[0].sender, bodies[queue_id])
+                    except (OSError, ValueError, dkim.DKIMException) as exc:  # (logged with each retry)
+                        outcomes += [self.retry(c, "4.7.5", f"cannot DKIM-sign: {exc}") for c in recipients]
+                        continue
+                    done, session = self.send(session, host, recipients, body)
                     outcomes += done
             finally:
                 if session is not None:
