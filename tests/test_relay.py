@@ -397,3 +397,70 @@ def test_dkim_signed_mail_verifies_against_the_published_key(store, database, sm
     assert dkim.verify(signed, dnsfunc=txt)
     assert not dkim.verify(signed.replace(b"hello", b"HELLO"), dnsfunc=txt)  # a changed body fails
     dns_server.close()
+
+
+class Stalling(Script):
+    """A smarthost that, at the first message, takes the text and then stalls before its
+    reply to the final dot until released; every text it takes is counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.stalled, self.release = threading.Event(), threading.Event()
+        self.taken = threading.Condition()
+
+    async def handle_DATA(self, server, session, envelope):
+        import asyncio
+
+        with self.taken:
+            self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+            self.taken.notify_all()
+        if not self.stalled.is_set():
+            self.stalled.set()
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+        return "250 2.0.0 OK"
+
+
+def test_sigkill_while_the_smarthost_stalls_after_data(tmp_path, db_url, smarthost):
+    """The server is killed while the smarthost holds its reply to the final dot: after
+    a restart every message arrives, none is lost, and only that one may come twice."""
+    import signal
+
+    from mailsrv.db import Database
+    from mailsrv.store import Store
+
+    from .test_app import Served, mailsrv, shipped_config_on_ephemeral_ports
+
+    script, server = smarthost(Stalling())
+    conf = shipped_config_on_ephemeral_ports(tmp_path, database=db_url)
+    conf.write_text(conf.read_text().replace("relayhost =\n", f"relayhost = 127.0.0.1:{server.port}\n")
+                    .replace("relay_tls = may", "relay_tls = none").replace("workers = 2", "workers = 1"))
+    assert mailsrv(conf, "domain", "add", "example.org").returncode == 0
+    database = Database(db_url)
+    store = Store(database)
+    for i in range(5):
+        store.queue.enqueue(ANN, f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode(), [f"x{i}@remote.example"], "mpp")
+    first = Served(conf)
+    try:
+        assert script.stalled.wait(60)
+    finally:
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+    script.release.set()
+    again = Served(conf)  # takes back the dead process's leases at once
+    try:
+        subjects = lambda: [c.split(b"Subject: ")[1].split(b"\r\n")[0] for _, _, c in script.received]  # noqa: E731
+        with script.taken:
+            assert script.taken.wait_for(lambda: set(subjects()) == {b"m%d" % i for i in range(5)}, 60)
+        settled: set[str] = set()
+        for line in again.proc.stderr:  # until the restarted server has settled all five
+            if " sent (" in line:
+                settled.add(line.split("<")[1].split(">")[0])
+            if len(settled) == 5:
+                break
+        with database.read_core() as conn:
+            assert conn.execute(text("SELECT state FROM queue_recipients")).scalars().all() == ["delivered"] * 5
+        counts = {s: subjects().count(s) for s in set(subjects())}
+        assert sorted(counts.values()) in ([1, 1, 1, 1, 1], [1, 1, 1, 1, 2])
+    finally:
+        assert again.stop(signal.SIGTERM) == 0
+        database.dispose()
