@@ -111,11 +111,12 @@ def figures(accepted, started, last_accepted, readable: dict[str, float]) -> dic
 
 
 class Mailsrv(MailsrvWithStore):
-    def __init__(self, folder: Path, *, name: str = "mailsrv", database: str = "sqlite", code: Path | None = None):
+    def __init__(self, folder: Path, *, name: str = "mailsrv", database: str = "sqlite", code: Path | None = None,
+                 **sections: dict[str, str]):
         from mailsrv.auth import hash_password
 
         # the shipped defaults: 2 delivery workers
-        super().__init__(folder, DOMAIN, name=name, database=database, code=code)
+        super().__init__(folder, DOMAIN, name=name, database=database, code=code, **sections)
         self.account = self.store.directory.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
         self.process.start()
 
@@ -241,8 +242,11 @@ class Postfix:
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], check=False, capture_output=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(mailsrv_class=None, description: str | None = None) -> None:
+    """Run the figures with ``mailsrv_class`` as mailsrv's side (MPP's :class:`Mailsrv`
+    unless given: bench/smtp.py gives its SMTP one)."""
+    mailsrv_class = mailsrv_class or Mailsrv
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000, help="messages per run")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each figure (the median is printed)")
     parser.add_argument("--only", choices=("mailsrv", "postfix"))
@@ -253,9 +257,9 @@ def main() -> None:
     try:
         if args.against:
             for name, code in (("after", None), ("before", args.against.resolve())):
-                servers.append(Mailsrv(temp_folder("bench-mpp-"), name=name, database=args.database, code=code))
+                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=name, database=args.database, code=code))
         elif args.only != "postfix":
-            servers.append(Mailsrv(temp_folder("bench-mpp-"), database=args.database))
+            servers.append(mailsrv_class(temp_folder("bench-mpp-"), database=args.database))
         if args.only != "mailsrv" and not args.against:
             servers.append(Postfix(temp_folder("bench-postfix-"), free_port()))
         hold_on_cpu(args.client_cpu)

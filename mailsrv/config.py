@@ -38,7 +38,7 @@ class ServerConfig:
     log_level: str = "info"
     max_connections: int = 1000
     max_connections_per_ip: int = 50
-    pin_cpu: bool = False
+    pin_cpu: bool = True
 
 
 @dataclass(frozen=True)

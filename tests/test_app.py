@@ -214,7 +214,7 @@ def test_pin_cpu_keeps_the_session_threads_on_one_cpu(tmp_path, pin):
     """pin_cpu = yes: every thread on the highest CPU but the one password-check thread a
     login started, which runs on all of them; pin_cpu = no: every thread on all of them."""
     conf = shipped_config_on_ephemeral_ports(tmp_path)
-    conf.write_text(conf.read_text().replace("pin_cpu = no", f"pin_cpu = {pin}"))
+    conf.write_text(conf.read_text().replace("pin_cpu = yes", f"pin_cpu = {pin}"))
     assert mailsrv(conf, "domain", "add", "example.org").returncode == 0
     assert mailsrv(conf, "user", "add", "ann@example.org", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
     server = Served(conf)

@@ -215,8 +215,7 @@ class SmtpHandler(LineHandler):
         if len(self.recipients) >= self.MAX_RECIPIENTS:
             raise ProtocolError(self.REPLY_TOO_MANY_RECIPIENTS, bad=False)
         address = self.accept_recipient(strip_route(path))
-        self.log.info("[%s] from <%s> to <%s>: accepted", self.peer, self.sender, address)
-        self.recipients.append(address)
+        self.recipients.append(address)  # (logged with the message it belongs to)
         self.state = RCPT
         self.send(self.REPLY_RECIPIENT_OK)
 
