@@ -464,3 +464,73 @@ def test_sigkill_while_the_smarthost_stalls_after_data(tmp_path, db_url, smartho
     finally:
         assert again.stop(signal.SIGTERM) == 0
         database.dispose()
+
+
+def test_bounce_to_a_remote_sender_goes_out_with_the_null_sender(store, database, smarthost, relay_for):
+    script, server = smarthost()
+    script.rcpt["x@remote.example"] = "550 5.1.1 gone"
+    relay, _ = relay_for(relayhost=f"127.0.0.1:{server.port}")
+    store.queue.enqueue("someone@far.example", BODY, ["x@remote.example"], "smtp")
+    relay.run_once()
+    [(to, report)] = bounces(database)
+    assert to == "someone@far.example"
+    relay.run_once()  # the bounce itself, relayed
+    [(sender, recipients, content)] = script.received
+    assert (sender, recipients) == ("<>", ["someone@far.example"]) and b"550 5.1.1 gone" in content  # MAIL FROM:<>
+
+
+def test_an_undeliverable_bounce_is_dropped_at_bounce_lifetime(store, database, smarthost, relay_for, caplog):
+    script, server = smarthost()
+    script.rcpt["someone@far.example"] = "451 4.3.0 later"
+    relay, _ = relay_for(relayhost=f"127.0.0.1:{server.port}", bounce_lifetime=0.0)
+    store.queue.enqueue("", b"Subject: a bounce\r\n\r\nx\r\n", ["someone@far.example"], "bounce")
+    with caplog.at_level("WARNING", logger="mailsrv.relay"):
+        relay.run_once()
+    with database.read_core() as conn:
+        assert conn.execute(text("SELECT state FROM queue_recipients")).scalars().all() == ["failed"]
+        assert conn.execute(text("SELECT count(*) FROM queue")).scalar() == 1  # no bounce of it
+    assert any("bounce to <someone@far.example> dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_destination_concurrency_bounds_parallel_sessions(store, database, smarthost, relay_for, monkeypatch):
+    """Three relay workers, one destination allowed one session: never two at once."""
+    import asyncio
+
+    monkeypatch.setattr(relaymod, "BATCH", 5)  # so that every worker gets a share
+
+    class Counting(Script):
+        def __init__(self):
+            super().__init__()
+            self.open = self.most = 0
+
+        async def handle_MAIL(self, server, session, envelope, address, options):
+            self.open += 1
+            self.most = max(self.most, self.open)
+            await asyncio.sleep(0)
+            envelope.mail_from = address
+            return "250 OK"
+
+        async def handle_DATA(self, server, session, envelope):
+            self.open -= 1
+            return await super().handle_DATA(server, session, envelope)
+
+    script, server = smarthost(Counting())
+    relays = [relay_for(relayhost=f"127.0.0.1:{server.port}", destination_concurrency=1)[0] for _ in range(3)]
+    shared = relays[0].destinations
+    for r in relays:
+        r.destinations = shared
+    for i in range(30):
+        store.queue.enqueue(ANN, BODY, [f"x{i}@remote.example"], "mpp")
+    barrier = threading.Barrier(3)
+
+    def run(r):
+        barrier.wait()
+        while r.run_once():
+            pass
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(script.received) == 30 and script.most == 1

@@ -358,3 +358,32 @@ def test_swaks_submission_auth_to_a_mailbox_read_back_by_poplib(smtp_app, store)
         assert lines[at:at + 2] == [b"Subject: through submission", b"X-Test: kept"]
         assert lines[-3:] == [b"line one", b".line with a dot", b"line three"]
     pop.quit()
+
+
+def test_submission_cram_md5_when_enabled(make_app, client_factory, store):
+    from mailsrv.auth import cram_md5_digest
+
+    app = make_app(smtp={"listen": (), "submission": (("127.0.0.1", 0),)},
+                   auth={"cram_md5": True, "bcrypt_rounds": 4, "failure_delay": 0.0})
+    c = client_factory(app.address("submission"))
+    c.line()
+    c.send("EHLO client.example")
+    assert "250 AUTH PLAIN LOGIN CRAM-MD5" in read_reply(c)
+    challenge_line = c.ask("AUTH CRAM-MD5")
+    assert challenge_line.startswith("334 ")
+    challenge = base64.b64decode(challenge_line[4:])
+    wrong = base64.b64encode(f"{ANN} {cram_md5_digest('wrong', challenge)}".encode()).decode()
+    assert c.ask(wrong) == S.REPLY_AUTH_FAILED
+    challenge = base64.b64decode(c.ask("AUTH CRAM-MD5")[4:])  # a fresh challenge each time
+    assert c.ask(base64.b64encode(f"{ANN} {cram_md5_digest(PASSWORD, challenge)}".encode()).decode()) == S.REPLY_AUTH_OK
+
+
+def test_received_names_the_tls_version_and_cipher(smtp_app, store):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP(*smtp_app.address("smtp"), timeout=10) as client:
+        client.starttls(context=ctx)
+        client.sendmail("x@remote.example", [BOB], b"Subject: tls\r\n\r\nbody\r\n")
+    [copy] = mailbox(store, BOB)
+    received = copy.split(b"Received: ", 1)[1].split(b";", 1)[0]
+    assert b"(using TLSv1.3 TLS_" in received and b"with ESMTPS" in received
