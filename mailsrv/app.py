@@ -49,9 +49,8 @@ LISTENERS: tuple[tuple[str, str, str, str, bool], ...] = (
     ("smtp", "listen", "mailsrv.protocols.smtp", "SmtpHandler", False),
     ("smtp", "submission", "mailsrv.protocols.smtp", "SubmissionHandler", False),
     ("smtp", "submission_tls", "mailsrv.protocols.smtp", "SubmissionHandler", True),
+    ("odmr", "listen", "mailsrv.protocols.odmr", "OdmrHandler", False),
 )
-#: sections of the config whose servers come with later work; their keys are accepted
-NOT_YET_SERVED = ("odmr",)
 
 
 def tune_malloc() -> None:
@@ -119,9 +118,6 @@ class App:
             handler = getattr(importlib.import_module(module_name), class_name)
             for address in addresses:
                 self._bind_one(address, handler, implicit_tls=implicit_tls)
-        for section in NOT_YET_SERVED:
-            if getattr(self.config, section).listen:
-                log.info("[%s] is configured but not served by this version", section)
 
     def _bind_one(self, address, handler, *, implicit_tls: bool) -> None:
         try:

@@ -285,15 +285,11 @@ class SmtpHandler(LineHandler):
         )
 
 
-class SubmissionHandler(SmtpHandler):
-    """Ports 587 and 465: authenticated users' mail, to anywhere."""
+class SmtpAuth:
+    """AUTH (RFC 4954) for an SMTP-style handler: PLAIN and LOGIN where passwords may
+    cross (TLS, or ``plaintext_networks``), CRAM-MD5 where the handler offers it. On
+    success ``self.account`` is set and :meth:`logged_in` runs."""
 
-    protocol = "submission"
-    ORIGIN = "submission"
-    STATES: ClassVar = {
-        **SmtpHandler.STATES,
-        READY: SmtpHandler.STATES[READY] | {"AUTH"},
-    }
     LINE_LIMITS: ClassVar = {"AUTH": 12288}  # an initial response (RFC 4954 section 4)
 
     REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
@@ -304,7 +300,6 @@ class SubmissionHandler(SmtpHandler):
     REPLY_AUTH_MALFORMED = "501 5.5.2 Cannot decode the response"
     REPLY_MECHANISM = "504 5.5.4 Unrecognized authentication type"
     REPLY_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
-    REPLY_SENDER_MISMATCH = "553 5.7.1 <{address}>: Sender address rejected: not owned by user {user}"
 
     @property
     def plaintext_ok(self) -> bool:
@@ -315,12 +310,6 @@ class SubmissionHandler(SmtpHandler):
         if self.config.auth.cram_md5:
             result.append("CRAM-MD5")
         return result
-
-    def extensions(self) -> list[str]:
-        lines = super().extensions()
-        if self.mechanisms() and self.account is None:
-            lines.append("AUTH " + " ".join(self.mechanisms()))
-        return lines
 
     def cmd_AUTH(self, arg: str) -> None:
         if self.account is not None:
@@ -354,7 +343,11 @@ class SubmissionHandler(SmtpHandler):
         self.store.directory.record_login(account.id)
         self.account = account
         self.log.info("[%s] %s logged in (%s)", self.peer, account.address, mechanism)
+        self.logged_in()
         self.send(self.REPLY_AUTH_OK)
+
+    def logged_in(self) -> None:
+        """What follows a successful AUTH (override)."""
 
     def sasl(self, response: str) -> str:
         """A response as the client gave it: ``*`` cancels, ``=`` is the empty one."""
@@ -377,6 +370,25 @@ class SubmissionHandler(SmtpHandler):
             return base64.b64decode(response, validate=True).decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             raise ProtocolError(self.REPLY_AUTH_MALFORMED) from None
+
+
+class SubmissionHandler(SmtpAuth, SmtpHandler):
+    """Ports 587 and 465: authenticated users' mail, to anywhere."""
+
+    protocol = "submission"
+    ORIGIN = "submission"
+    STATES: ClassVar = {
+        **SmtpHandler.STATES,
+        READY: SmtpHandler.STATES[READY] | {"AUTH"},
+    }
+
+    REPLY_SENDER_MISMATCH = "553 5.7.1 <{address}>: Sender address rejected: not owned by user {user}"
+
+    def extensions(self) -> list[str]:
+        lines = super().extensions()
+        if self.mechanisms() and self.account is None:
+            lines.append("AUTH " + " ".join(self.mechanisms()))
+        return lines
 
     def cmd_MAIL(self, arg: str) -> None:
         if self.account is None:

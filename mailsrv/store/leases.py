@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, text, update
 
 from ..db import Database
 from ..models import Domain, QueueRecipient, State, utcnow
@@ -37,6 +37,13 @@ HELD_IN_DOMAIN = due(
     QueueRecipient.domain.in_(select(Domain.name).where(Domain.kind == "odmr")),
     order=(QueueRecipient.queue_id, QueueRecipient.id),
 )
+#: another holder's live lease in one ODMR domain: someone is turning it round
+TURNING = select(func.count(QueueRecipient.id)).where(
+    QueueRecipient.domain == bindparam("domain"), QueueRecipient.state == State.INFLIGHT,
+    QueueRecipient.lease_expires_at >= bindparam("now"), QueueRecipient.lease_owner != bindparam("owner"),
+)
+#: PostgreSQL: claims for one domain take turns, across processes and hosts
+DOMAIN_TURN = text("SELECT pg_advisory_xact_lock(hashtext(:domain))")
 TAKE_LEASE = (
     update(QueueRecipient)
     .where(QueueRecipient.id == bindparam("rid"))
@@ -85,6 +92,30 @@ class Leases:
             if len(claimed) < limit:
                 claimed += self._claim(owner, lease, limit - len(claimed), (HELD_IN_DOMAIN,), {"domain": name})
         return claimed
+
+    def claim_for_turn(self, owner: str, domains: Iterable[str], lease: float, limit: int = 100_000
+                       ) -> list[Claimed] | None:
+        """An ATRN's claim: every recipient held for these ODMR domains, leased to
+        ``owner``; None (and nothing taken) when another session holds a live lease in
+        one of them, that is, is turning it round now, on this host or another. The check
+        and the claim are one transaction; on PostgreSQL claims for one domain also take
+        turns on an advisory lock, so two ATRNs at once cannot both pass the check."""
+        names = sorted({d.strip().lower() for d in domains})
+        now = utcnow()
+        with self.db.write_raw(durable=False) as raw:
+            if self.db.dialect == "postgresql":
+                for name in names:
+                    raw.execute(DOMAIN_TURN, {"domain": name})
+            if any(raw.scalar(TURNING, {"domain": n, "now": now, "owner": owner}) for n in names):
+                return None
+            claimed: list[Claimed] = []
+            for name in names:
+                claimed += due_in(raw, (HELD_IN_DOMAIN,), {"domain": name, "now": now}, limit - len(claimed),
+                                  lock=self.db.dialect == "postgresql")
+            if claimed:
+                expires = now + timedelta(seconds=lease)
+                raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
+            return claimed
 
     def _claim(self, owner: str, lease: float, limit: int, statements, params: dict) -> list[Claimed]:
         now = utcnow()

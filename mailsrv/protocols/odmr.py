@@ -1,0 +1,251 @@
+"""ODMR, On-Demand Mail Relay (RFC 2645): a customer host with a dynamic address
+authenticates, sends ATRN, and the connection turns round so that mailsrv delivers the
+mail held for the customer's domains over SMTP.
+
+Decisions where the RFC leaves room (see also docs/design.md, "ODMR"):
+
+- States: START (EHLO, AUTH, QUIT, and STARTTLS when ``[tls]`` is set), AUTHED (ATRN,
+  QUIT). ATRN before AUTH answers ``530``; any other command ``502`` (RFC 2645 section
+  5.4); a known command in the wrong state ``503``. EHLO lists ``AUTH CRAM-MD5`` (PLAIN
+  too, only over TLS) and ``ATRN``.
+- AUTH CRAM-MD5 draws a fresh challenge every time, so a replayed response fails; it is
+  checked against the account's CRAM secret (``mailsrv user add --cram-md5``). A failure
+  is ``535`` after the failure delay, whether the user exists or not, and counts against
+  the session's error budget.
+- ATRN takes the RFC's grammar exactly: domains separated by commas, no spaces; none means
+  every domain granted to the account (``mailsrv odmr grant``). Single-line replies:
+  ``501`` bad syntax; ``450`` a named domain not granted (nothing is sent for any) or
+  another session turning one of them round now (a live lease in it, on this host or
+  another sharing the database); ``453`` no mail waiting; ``451`` the grants cannot be
+  checked now; ``250`` and the roles reverse.
+- Reversed: mailsrv waits for the customer's ``220`` (at least 10 minutes, RFC 2645
+  section 5.2.1), sends EHLO (HELO if refused), then every held message for those domains:
+  MAIL FROM, a RCPT for each of its recipients there, DATA with dot-stuffing, message after
+  message, pipelined when the customer offers PIPELINING; then QUIT. Each message's
+  recipients are settled as soon as its reply comes: 2xx delivered, 4xx held again, 5xx
+  failed with one RFC 3464 bounce (never for the empty sender). A connection lost on the
+  way leaves whatever was not answered held, so the next ATRN sends exactly those.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import ClassVar
+
+from ..db import DatabaseUnavailable
+from ..delivery.worker import Worker
+from ..server import LineHandler, ProtocolError
+from ..store import Action, Claimed, Outcome, lock_holder
+from ..stream import LineStream, ReplyError
+from .smtp import SmtpAuth
+
+START, AUTHED = "START", "AUTHED"
+#: RFC 2645 section 5.3's ABNF for the domains of ATRN
+_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+"
+ATRN_DOMAINS = re.compile(rf"{_DOMAIN}(?:,{_DOMAIN})*")
+#: how long each read of the customer may take once reversed (RFC 2645 section 5.2.1: 10 min)
+REVERSED_TIMEOUT = 600.0
+#: how long the held recipients of one turn stay leased (the turn settles each message at once)
+TURN_LEASE = 3600.0
+
+
+class OdmrHandler(SmtpAuth, LineHandler):
+    protocol = "odmr"
+    INITIAL_STATE = START
+    STATES: ClassVar = {
+        START: frozenset({"EHLO", "AUTH", "QUIT", "ATRN", "STARTTLS"}),
+        AUTHED: frozenset({"ATRN", "QUIT"}),
+    }
+    MAX_BAD_COMMANDS = 10
+
+    REFUSAL = "421 4.7.0 Error: too many connections, try again later"
+    REPLY_UNKNOWN = "502 5.5.1 Error: command not implemented"
+    REPLY_WRONG_STATE = "503 5.5.1 Error: bad sequence of commands"
+    REPLY_TOO_LONG = "500 5.5.2 Error: line too long"
+    REPLY_BAD_CHARS = "500 5.5.2 Error: invalid characters in command"
+    REPLY_TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors, closing connection"
+    REPLY_TIMEOUT = "421 4.4.2 Error: timeout exceeded, closing connection"
+    REPLY_INTERNAL = "451 4.3.0 Error: internal error, try again later"
+    REPLY_UNAVAILABLE = "451 4.3.0 Error: cannot check the domains now, try again later"
+    REPLY_SHUTDOWN = "421 4.3.2 Error: server shutting down, closing connection"
+    REPLY_BYE = "221 2.0.0 Bye"
+    REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+    REPLY_ATRN_SYNTAX = "501 5.5.4 Syntax: ATRN [domain,domain...]"
+    REPLY_NOT_GRANTED = "450 4.7.1 Error: not allowed to collect mail for {domain}"
+    REPLY_BUSY = "450 4.3.2 Error: {domain} is being collected by another session"
+    REPLY_NO_MAIL = "453 4.3.0 No mail waiting for you"
+    REPLY_TURNING = "250 2.0.0 OK now reversing the connection"
+    REPLY_NEED_HOSTNAME = "501 5.5.4 Syntax: EHLO hostname"
+    REPLY_TLS_READY = "220 2.0.0 Ready to start TLS"
+    REPLY_NO_TLS = "454 4.7.0 TLS not available"
+
+    def idle_timeout(self) -> float:
+        return self.config.odmr.idle_timeout
+
+    def greet(self) -> None:
+        self.account = None
+        self.holder = lock_holder(f"odmr-{id(self):x}")
+        self.send(f"220 {self.context.hostname} ESMTP on-demand mail relay ready")
+
+    def mechanisms(self) -> list[str]:
+        return ["CRAM-MD5", "PLAIN"] if self.tls_active else ["CRAM-MD5"]
+
+    @property
+    def plaintext_ok(self) -> bool:
+        return self.tls_active  # PLAIN only over TLS, whatever the network
+
+    def logged_in(self) -> None:
+        self.state = AUTHED
+
+    # --- the initial state -----------------------------------------------------------
+
+    def cmd_EHLO(self, arg: str) -> None:
+        if not arg.strip() or " " in arg.strip():
+            raise ProtocolError(self.REPLY_NEED_HOSTNAME)
+        lines = [self.context.hostname, "AUTH " + " ".join(self.mechanisms())]
+        if self.context.tls_context is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        self.send_reply(250, [*lines, "ATRN"])
+
+    def cmd_STARTTLS(self, arg: str) -> None:
+        if self.context.tls_context is None or self.tls_active:
+            raise ProtocolError(self.REPLY_NO_TLS)
+        self.send(self.REPLY_TLS_READY)
+        self.start_tls()
+
+    def cmd_QUIT(self, arg: str) -> None:
+        self.close(self.REPLY_BYE)
+
+    # --- ATRN and the reversed state ---------------------------------------------------
+
+    def cmd_ATRN(self, arg: str) -> None:
+        if self.account is None:
+            raise ProtocolError(self.REPLY_AUTH_REQUIRED)
+        asked = arg.rstrip()  # (the ABNF has one space after ATRN, none inside the list)
+        if asked and not ATRN_DOMAINS.fullmatch(asked):
+            raise ProtocolError(self.REPLY_ATRN_SYNTAX)
+        try:
+            granted = self.store.directory.granted_domains(self.account.id)
+            domains = sorted({d.lower() for d in asked.split(",")}) if asked else granted
+            for domain in domains:
+                if domain not in granted:
+                    self.log.info("[%s] %s: ATRN %s refused: not granted", self.peer, self.account.address, domain)
+                    raise ProtocolError(self.REPLY_NOT_GRANTED.format(domain=domain), bad=False)
+            claimed = self.store.leases.claim_for_turn(self.holder, domains, TURN_LEASE) if domains else []
+        except DatabaseUnavailable as exc:
+            self.log.warning("[%s] ATRN: database unavailable: %s", self.peer, exc)
+            raise ProtocolError(self.REPLY_UNAVAILABLE, bad=False) from None
+        if claimed is None:
+            raise ProtocolError(self.REPLY_BUSY.format(domain=",".join(domains)), bad=False)
+        if not claimed:
+            raise ProtocolError(self.REPLY_NO_MAIL, bad=False)
+        self.log.info("[%s] %s: ATRN %s: %d recipient(s) waiting", self.peer, self.account.address,
+                      ",".join(domains), len(claimed))
+        self.send(self.REPLY_TURNING)
+        self.closing = True  # whatever happens now, the session ends with the turn
+        Turn(self, self.turn_round(max(REVERSED_TIMEOUT, self.idle_timeout())), claimed).run()
+
+
+class Turn:
+    """One reversed session: mailsrv, as an SMTP client, delivers the claimed recipients."""
+
+    def __init__(self, handler: OdmrHandler, stream: LineStream, claimed: list[Claimed]):
+        self.handler = handler
+        self.stream = stream
+        self.store = handler.store
+        self.log = handler.log
+        self.peer = handler.peer
+        self.owner = handler.holder
+        self.bouncer = Worker(handler.store, handler.config, "odmr")
+        self.messages: dict[int, list[Claimed]] = defaultdict(list)
+        for c in claimed:
+            self.messages[c.queue_id].append(c)
+        self.pipelining = False
+
+    def run(self) -> None:
+        pending = dict(self.messages)
+        try:
+            self.hello()
+            for queue_id in list(pending):
+                recipients = pending[queue_id]
+                body = self.store.queue.bodies([queue_id])[queue_id]
+                self.settle(self.send_message(recipients, body))
+                del pending[queue_id]  # (answered: not held again below)
+            self.stream.send("QUIT")
+            self.stream.read_reply()
+        except (ReplyError, OSError, ValueError) as exc:
+            self.log.info("[%s] turn ended early: %s", self.peer, exc)
+        finally:  # whatever was not answered waits for the next ATRN
+            left = [c for recipients in pending.values() for c in recipients]
+            if left:
+                self.settle([Outcome(c, Action.HOLD) for c in left])
+
+    def hello(self) -> None:
+        greeting = self.stream.read_reply()
+        if greeting.code != 220:
+            raise ReplyError(f"the customer greeted with {greeting.code}")
+        hostname = self.handler.context.hostname
+        self.stream.send(f"EHLO {hostname}")
+        reply = self.stream.read_reply()
+        if reply.code == 250:
+            self.pipelining = any(line.upper().split(" ")[0] == "PIPELINING" for line in reply.lines[1:])
+            return
+        self.stream.send(f"HELO {hostname}")
+        if self.stream.read_reply().code != 250:
+            raise ReplyError("the customer refused EHLO and HELO")
+
+    def send_message(self, recipients: list[Claimed], body: bytes) -> list[Outcome]:
+        """One message to the customer: the outcome of each of its recipients. Pipelined
+        (RFC 2920: MAIL, every RCPT and DATA at once, the replies read in order) when the
+        customer offers it, else one command at a time."""
+        mail_from = f"MAIL FROM:<{recipients[0].sender}>"
+        rcpts = [f"RCPT TO:<{c.recipient}>" for c in recipients]
+        if self.pipelining:
+            self.stream.send_lines([mail_from, *rcpts, "DATA"])
+            mail = self.stream.read_reply()
+            answers = [self.stream.read_reply() for _ in rcpts]
+            data = self.stream.read_reply()
+        else:
+            mail = self.ask(mail_from)
+            if mail.code >= 400:
+                return [self.by_reply(c, mail) for c in recipients]
+            answers = [self.ask(line) for line in rcpts]
+            data = self.ask("DATA") if any(r.code < 400 for r in answers) else None
+        if mail.code >= 400:
+            if data is not None and data.code == 354:
+                self.ask(".")  # (an empty text for the DATA that went through: refused)
+            return [self.by_reply(c, mail) for c in recipients]
+        accepted = [c for c, r in zip(recipients, answers, strict=True) if r.code < 400]
+        outcomes = [self.by_reply(c, r) for c, r in zip(recipients, answers, strict=True) if r.code >= 400]
+        if data is None:  # every recipient refused (not pipelined): end the transaction
+            self.ask("RSET")
+            return outcomes
+        if data.code != 354:
+            return outcomes + [self.by_reply(c, data) for c in accepted]
+        if not accepted:
+            self.ask(".")
+            return outcomes
+        self.stream.send_text(body)
+        final = self.stream.read_reply()
+        return outcomes + [self.by_reply(c, final) for c in accepted]
+
+    def ask(self, line: str):
+        self.stream.send(line)
+        return self.stream.read_reply()
+
+    def by_reply(self, c: Claimed, reply) -> Outcome:
+        said = f"customer said: {reply.code} {reply.text}"[:500]
+        if reply.code < 400:
+            return Outcome(c, Action.SENT, error=said)
+        if reply.code < 500:
+            return Outcome(c, Action.HOLD)
+        status = reply.text.split(" ", 1)[0]
+        status = status if re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", status) else "5.0.0"
+        return Outcome(c, Action.FAIL, status=status, error=said)
+
+    def settle(self, outcomes: list[Outcome]) -> None:
+        applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce)
+        for outcome in applied:
+            self.log.info("queue %d: <%s> %s%s", outcome.claimed.queue_id, outcome.claimed.recipient, outcome.action,
+                          f" ({outcome.error})" if outcome.error else "")

@@ -1,0 +1,217 @@
+"""ODMR (RFC 2645) on SQLite and PostgreSQL: transcripts with the test playing the
+customer's MTA after the turn, and real clients (swaks, fetchmail)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from sqlalchemy import text
+
+from mailsrv.auth import cram_md5_digest
+from mailsrv.delivery.worker import Worker
+from mailsrv.protocols.odmr import OdmrHandler as O
+
+from .conftest import PASSWORD, make_config
+
+ANN = "ann@example.org"  # has a CRAM secret (the accounts fixture)
+
+
+@pytest.fixture
+def odmr_app(make_app, store, db_url, tmp_path):
+    store.directory.add_domain("customer.example", "odmr")
+    store.directory.add_domain("other.example", "odmr")
+    store.directory.add_domain("notyours.example", "odmr")
+    store.directory.grant_odmr(ANN, "customer.example")
+    store.directory.grant_odmr(ANN, "other.example")
+    return make_app(odmr={"listen": (("127.0.0.1", 0),)})
+
+
+def hold(store, db_url, tmp_path, sender: str, recipients: list[str], body: bytes = b"Subject: held\r\n\r\nx\r\n") -> int:
+    queue_id = store.queue.enqueue(sender, body, recipients, "smtp")
+    Worker(store, make_config(db_url, tmp_path), "t").run_once()  # ODMR domains: held
+    return queue_id
+
+
+def states(database) -> list[tuple[str, str]]:
+    with database.read_core() as conn:
+        return [tuple(r) for r in conn.execute(text(
+            "SELECT r.recipient, r.state FROM queue_recipients r JOIN queue q ON q.id = r.queue_id"
+            " WHERE q.origin != 'bounce' ORDER BY r.id"))]
+
+
+def settled(database, expected: list[str]) -> list[str]:
+    """The recipients' states once the server has settled them as ``expected`` (it does so
+    when it notices the customer is gone; each look is one query, bounded in number)."""
+    for _ in range(10_000):
+        got = [state for _, state in states(database)]
+        if got == expected:
+            break
+    return got
+
+
+@pytest.fixture
+def odmr(odmr_app, client_factory):
+    def connect(login: bool = True):
+        c = client_factory(odmr_app.address("odmr"))
+        assert c.line() == "220 mail.example.org ESMTP on-demand mail relay ready"
+        if login:
+            assert cram(c, ANN, PASSWORD) == O.REPLY_AUTH_OK
+        return c
+    return connect
+
+
+def cram(c, user: str, secret: str) -> str:
+    line = c.ask("AUTH CRAM-MD5")
+    assert line.startswith("334 ")
+    challenge = base64.b64decode(line[4:])
+    return c.ask(base64.b64encode(f"{user} {cram_md5_digest(secret, challenge)}".encode()).decode())
+
+
+class Customer:
+    """The customer's MTA after the turn, scripted: codes per recipient at RCPT, in turn
+    after each final dot; it may vanish in the middle of a text."""
+
+    def __init__(self, c, pipelining: bool = False, rcpt: dict | None = None, after_dot: list | None = None,
+                 vanish_in_text: int | None = None):
+        self.c, self.pipelining = c, pipelining
+        self.rcpt, self.after_dot = rcpt or {}, list(after_dot or [])
+        self.vanish_in_text = vanish_in_text
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.commands: list[str] = []
+
+    def serve(self) -> None:
+        c = self.c
+        c.send("220 customer.example ESMTP")
+        sender, recipients = None, []
+        while True:
+            line = c.line()
+            self.commands.append(line)
+            verb = line.split(" ")[0].upper()
+            if verb == "EHLO":
+                c.send("250-customer.example\r\n250 PIPELINING" if self.pipelining else "250 customer.example")
+            elif verb == "MAIL":
+                sender, recipients = line[len("MAIL FROM:<"):-1], []
+                c.send("250 2.1.0 OK")
+            elif verb == "RCPT":
+                address = line[len("RCPT TO:<"):-1]
+                reply = self.rcpt.get(address, "250 2.1.5 OK")
+                if reply.startswith("250"):
+                    recipients.append(address)
+                c.send(reply)
+            elif verb == "DATA":
+                c.send("354 go ahead")
+                if self.vanish_in_text is not None and len(self.received) == self.vanish_in_text:
+                    c.raw_line()
+                    c.close()
+                    return
+                body = b""
+                while (raw := c.raw_line()) != b".\r\n":
+                    body += raw[1:] if raw.startswith(b".") else raw
+                self.received.append((sender, recipients, body))
+                c.send(self.after_dot.pop(0) if self.after_dot else "250 2.0.0 OK")
+            elif verb == "RSET":
+                c.send("250 OK")
+            elif verb == "QUIT":
+                c.send("221 bye")
+                return
+            else:
+                c.send("500 what?")
+
+
+def test_ehlo_auth_and_the_initial_state(odmr):
+    c = odmr(login=False)
+    c.send("EHLO customer.example")
+    assert [c.line() for _ in range(3)] == ["250-mail.example.org", "250-AUTH CRAM-MD5", "250 ATRN"]
+    assert c.ask("ATRN") == O.REPLY_AUTH_REQUIRED
+    assert c.ask("MAIL FROM:<a@b.example>") == O.REPLY_UNKNOWN
+    assert c.ask("AUTH PLAIN AGFubkBleGFtcGxlLm9yZwBjb3JyZWN0IGhvcnNl") == O.REPLY_ENCRYPTION_REQUIRED
+    assert cram(c, ANN, "wrong") == O.REPLY_AUTH_FAILED
+    assert cram(c, "nobody@example.org", PASSWORD) == O.REPLY_AUTH_FAILED  # the same reply
+    line = c.ask("AUTH CRAM-MD5")
+    challenge = base64.b64decode(line[4:])
+    answer = base64.b64encode(f"{ANN} {cram_md5_digest(PASSWORD, challenge)}".encode()).decode()
+    assert c.ask(answer) == O.REPLY_AUTH_OK
+    assert c.ask("AUTH CRAM-MD5") == O.REPLY_WRONG_STATE
+    d = odmr(login=False)  # the same response to another challenge fails: no replay
+    assert d.ask("AUTH CRAM-MD5").startswith("334 ")
+    assert d.ask(answer) == O.REPLY_AUTH_FAILED
+
+
+@pytest.mark.parametrize("arg", ["customer.example, other.example", " customer.example", "customer", "-x.example",
+                                 "customer.example,", "customer.example;other.example"])
+def test_atrn_syntax(odmr, arg):
+    assert odmr().ask(f"ATRN {arg}") == O.REPLY_ATRN_SYNTAX
+
+
+def test_atrn_refusals(odmr, store, db_url, tmp_path, database):
+    hold(store, db_url, tmp_path, "a@b.example", ["x@notyours.example", "y@customer.example"])
+    c = odmr()
+    assert c.ask("ATRN customer.example,notyours.example") == O.REPLY_NOT_GRANTED.format(domain="notyours.example")
+    assert c.ask("ATRN nosuch.example") == O.REPLY_NOT_GRANTED.format(domain="nosuch.example")
+    assert c.ask("ATRN other.example") == O.REPLY_NO_MAIL
+    assert states(database) == [("x@notyours.example", "held"), ("y@customer.example", "held")]  # nothing sent
+
+
+def test_atrn_delivers_every_held_message_and_marks_them_delivered(odmr, store, db_url, tmp_path, database):
+    hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example", "y@other.example", "bob@example.org"],
+         b"Subject: one\r\n\r\n.dotted\r\nline\r\n")
+    hold(store, db_url, tmp_path, "", ["z@customer.example"], b"Subject: two\r\n\r\nbounce\r\n")
+    c = odmr()
+    assert c.ask("ATRN") == O.REPLY_TURNING  # no domains: every granted one
+    customer = Customer(c)
+    customer.serve()
+    assert customer.commands[0] == "EHLO mail.example.org"
+    assert [(s, r) for s, r, _ in customer.received] == [("a@b.example", ["x@customer.example", "y@other.example"]),
+                                                         ("", ["z@customer.example"])]
+    assert customer.received[0][2].endswith(b"Subject: one\r\n\r\n.dotted\r\nline\r\n")
+    assert dict(states(database)) == {"x@customer.example": "delivered", "y@other.example": "delivered",
+                                      "bob@example.org": "delivered", "z@customer.example": "delivered"}
+    again = odmr()
+    assert again.ask("ATRN") == O.REPLY_NO_MAIL
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_4xx_keeps_held_and_5xx_bounces(odmr, store, db_url, tmp_path, database, pipelining):
+    hold(store, db_url, tmp_path, ANN, ["keep@customer.example", "gone@customer.example", "ok@customer.example"])
+    hold(store, db_url, tmp_path, ANN, ["late@customer.example"])
+    c = odmr()
+    assert c.ask("ATRN customer.example") == O.REPLY_TURNING
+    customer = Customer(c, pipelining=pipelining, rcpt={"keep@customer.example": "451 4.3.0 later",
+                                                         "gone@customer.example": "550 5.1.1 no such user"},
+                        after_dot=["250 OK", "452 4.3.1 full"])
+    customer.serve()
+    assert dict(states(database)) == {"keep@customer.example": "held", "gone@customer.example": "failed",
+                                      "ok@customer.example": "delivered", "late@customer.example": "held"}
+    Worker(store, make_config(db_url, tmp_path), "t").run_once()  # the bounce, to ann's mailbox
+    bounces = store.maildrops.mailbox_list(ANN)
+    assert len(bounces) == 1  # ann, the sender, is told about gone@ only
+    assert b"550 5.1.1 no such user" in store.maildrops.read_body(store.directory.find_account(ANN).id, bounces[0][0])
+
+
+def test_a_customer_vanishing_mid_text_leaves_the_rest_held(odmr, store, db_url, tmp_path, database):
+    for i in range(3):
+        hold(store, db_url, tmp_path, "a@b.example", [f"m{i}@customer.example"])
+    c = odmr()
+    assert c.ask("ATRN") == O.REPLY_TURNING
+    Customer(c, vanish_in_text=1).serve()  # takes the first message, vanishes in the second
+    assert settled(database, ["delivered", "held", "held"]) == ["delivered", "held", "held"]
+    d = odmr()
+    assert d.ask("ATRN") == O.REPLY_TURNING
+    customer = Customer(d)
+    customer.serve()
+    assert [r for _, r, _ in customer.received] == [["m1@customer.example"], ["m2@customer.example"]]  # none twice
+
+
+def test_two_atrns_for_one_domain_one_gets_450(odmr, store, db_url, tmp_path, database):
+    hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example"])
+    first = odmr()
+    assert first.ask("ATRN customer.example") == O.REPLY_TURNING
+    first.send("220 customer.example ESMTP")  # the turn has begun: the domain is taken
+    assert first.line() == "EHLO mail.example.org"
+    second = odmr()
+    assert second.ask("ATRN customer.example") == O.REPLY_BUSY.format(domain="customer.example")
+    assert second.ask("ATRN other.example") == O.REPLY_NO_MAIL  # another domain is free
+    first.close()  # gone before answering EHLO: the recipient is held again
+    assert settled(database, ["held"]) == ["held"]
+    assert odmr().ask("ATRN customer.example") == O.REPLY_TURNING
