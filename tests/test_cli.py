@@ -252,3 +252,26 @@ def test_dkim_keygen_writes_a_private_key_and_prints_the_record(run, tmp_path):
     assert key.stat().st_mode & 0o777 == 0o600
     status, _, err = run("dkim", "keygen", "example.org")
     assert status == 1 and "exists already" in err  # never overwritten
+
+
+def test_odmr_list_shows_what_waits_for_each_domain(run, db_url, tmp_path):
+    from mailsrv.delivery.worker import Worker
+    from mailsrv.store import Store
+
+    from .conftest import make_config
+
+    run("domain", "add", "example.org")
+    run("domain", "add", "customer.example", "--odmr")
+    run("domain", "add", "idle.example", "--odmr")
+    run("user", "add", "cust@example.org", "--password-stdin", "--cram-md5", stdin="pw\n")
+    run("odmr", "grant", "cust@example.org", "customer.example")
+    database = dbmod.Database(db_url)
+    store = Store(database)
+    store.queue.enqueue("a@b.example", b"x" * 1000 + b"\r\n", ["p@customer.example", "q@customer.example"], "smtp")
+    store.queue.enqueue("a@b.example", b"y" * 2000 + b"\r\n", ["r@customer.example"], "smtp")
+    Worker(store, make_config(db_url, tmp_path), "t").run_once()
+    database.dispose()
+    out = run("odmr", "list")[1].splitlines()
+    assert out[0].split() == ["user", "domain", "waiting", "size", "oldest"]
+    assert out[2].split()[:4] == ["cust@example.org", "customer.example", "2", "2.9K"]
+    assert out[3].split()[:5] == ["-", "idle.example", "0", "0", "-"]

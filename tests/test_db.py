@@ -85,7 +85,7 @@ def _sample_values(statement, database, ids: dict[str, int]) -> dict:
     for name, kind in names.items():
         if name in ids:
             values[name] = ids[name]
-        elif isinstance(kind, DateTime) or "expires" in name or name.endswith("_at") or name == "now":
+        elif isinstance(getattr(kind, "impl", kind), DateTime) or "expires" in name or name.endswith("_at"):
             values[name] = WHEN
         elif isinstance(kind, Boolean):
             values[name] = True

@@ -4,6 +4,9 @@ customer's MTA after the turn, and real clients (swaks, fetchmail)."""
 from __future__ import annotations
 
 import base64
+import os
+import shutil
+import subprocess
 
 import pytest
 from sqlalchemy import text
@@ -215,3 +218,102 @@ def test_two_atrns_for_one_domain_one_gets_450(odmr, store, db_url, tmp_path, da
     first.close()  # gone before answering EHLO: the recipient is held again
     assert settled(database, ["held"]) == ["held"]
     assert odmr().ask("ATRN customer.example") == O.REPLY_TURNING
+
+
+FETCHMAIL = shutil.which("fetchmail")
+SWAKS = shutil.which("swaks")
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail is not installed")
+def test_fetchmail_collects_two_domains_into_a_local_smtp_server(odmr_app, store, db_url, tmp_path, database):
+    from aiosmtpd.controller import Controller
+
+    from .test_relay import Script, free_port
+
+    bodies = [b"Subject: first\r\n\r\nbody one\r\n.dotted\r\n", b"Subject: second\r\n\r\n" + (b"x" * 70 + b"\r\n") * 70]
+    hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example"], bodies[0])
+    hold(store, db_url, tmp_path, "c@d.example", ["y@other.example", "z@customer.example"], bodies[1])
+    sink = Script()
+    controller = Controller(sink, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    host, port = odmr_app.address("odmr")
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(f'set no bouncemail\npoll {host} protocol odmr service {port} user "{ANN}" password "{PASSWORD}"'
+                  f' fetchdomains customer.example,other.example smtphost "127.0.0.1/{controller.port}" sslproto \'\'\n')
+    rc.chmod(0o600)
+    env = {**os.environ, "HOME": str(tmp_path)}
+    try:
+        first = subprocess.run([FETCHMAIL, "-f", str(rc), "-N", "-v"], capture_output=True, text=True, timeout=60, env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert settled(database, ["delivered"] * 3) == ["delivered"] * 3
+        got = {frozenset(r): c for _, r, c in sink.received}
+        assert got[frozenset({"x@customer.example"})].endswith(bodies[0])
+        assert got[frozenset({"y@other.example", "z@customer.example"})].endswith(bodies[1])
+        second = subprocess.run([FETCHMAIL, "-f", str(rc), "-N", "-v"], capture_output=True, text=True, timeout=60, env=env)
+        assert "453" in second.stdout + second.stderr
+    finally:
+        controller.stop()
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(SWAKS is None, reason="swaks is not installed")
+def test_swaks_ehlo_and_auth_cram_md5(odmr_app):
+    host, port = odmr_app.address("odmr")
+    base = [SWAKS, "--server", host, "--port", str(port), "--quit-after", "AUTH", "--auth", "CRAM-MD5",
+            "--auth-user", ANN, "--timeout", "20"]
+    ok = subprocess.run([*base, "--auth-password", PASSWORD], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "250 ATRN" in ok.stdout and "235 2.7.0" in ok.stdout
+    wrong = subprocess.run([*base, "--auth-password", "wrong"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 28 and "535 5.7.8" in wrong.stdout
+
+
+def test_two_servers_on_one_database_turn_a_domain_once(tmp_path, db_url):
+    """Two `mailsrv serve` processes share the database: an ATRN for a domain that one of
+    them is turning round gets 450 from the other."""
+    import signal
+
+    from mailsrv.db import Database
+    from mailsrv.store import Store
+
+    from .conftest import LineClient
+    from .test_app import Served, mailsrv, shipped_config_on_ephemeral_ports
+
+    conf = shipped_config_on_ephemeral_ports(tmp_path, database=db_url)
+    for args, stdin in ((("domain", "add", "example.org"), None), (("domain", "add", "customer.example", "--odmr"), None),
+                        (("user", "add", ANN, "--password-stdin", "--cram-md5"), PASSWORD + "\n"),
+                        (("odmr", "grant", ANN, "customer.example"), None)):
+        assert mailsrv(conf, *args, stdin=stdin).returncode == 0
+    database = Database(db_url)
+    hold(Store(database), db_url, tmp_path, "a@b.example", ["x@customer.example"])
+    one, two = Served(conf), Served(conf)
+    try:
+        first, second = LineClient(one.addresses["odmr"]), LineClient(two.addresses["odmr"])
+        for c in (first, second):
+            c.line()
+            assert cram(c, ANN, PASSWORD) == O.REPLY_AUTH_OK
+        assert first.ask("ATRN customer.example") == O.REPLY_TURNING
+        first.send("220 customer.example ESMTP")
+        assert first.line().startswith("EHLO ")  # the turn has begun on the first server
+        assert second.ask("ATRN customer.example") == O.REPLY_BUSY.format(domain="customer.example")
+        first.close()
+        second.close()
+    finally:
+        for server in (one, two):
+            assert server.stop(signal.SIGTERM) == 0
+        database.dispose()
+
+
+def test_mail_the_customer_does_not_collect_bounces_at_the_queue_lifetime(store, accounts, db_url, tmp_path, database):
+    store.directory.add_domain("customer.example", "odmr")
+    hold(store, db_url, tmp_path, ANN, ["x@customer.example"])
+    hold(store, db_url, tmp_path, "", ["y@customer.example"])  # the null sender: no bounce
+    Worker(store, make_config(db_url, tmp_path), "t").run_once()
+    assert [s for _, s in states(database)] == ["held", "held"]  # within the lifetime
+    expired = Worker(store, make_config(db_url, tmp_path, delivery={"queue_lifetime": 0.0, "workers": 0}), "t2")
+    expired.run_once()
+    assert [s for _, s in states(database)] == ["failed", "failed"]
+    expired.run_once()  # the one bounce, to ann's mailbox
+    [entry] = store.maildrops.mailbox_list(ANN)
+    report = store.maildrops.read_body(store.directory.find_account(ANN).id, entry[0])
+    assert b"<x@customer.example>: the customer did not collect it within 0:00:00" in report

@@ -106,7 +106,11 @@ def cmd_odmr(store: Store, config: Config, args) -> int:
         store.directory.revoke_odmr(args.address, args.domain)
         print(f"{args.address.lower()} may no longer ATRN {args.domain.lower()}")
     else:
-        print(table(("user", "domain"), store.directory.list_odmr()))
+        rows = []
+        for domain, accounts, messages, octets, oldest in store.directory.odmr_overview():
+            for address in accounts or ["-"]:
+                rows.append((address, domain, messages, human_size(octets), when(oldest)))
+        print(table(("user", "domain", "waiting", "size", "oldest"), rows))
     return EXIT_OK
 
 

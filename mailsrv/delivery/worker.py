@@ -57,6 +57,8 @@ log = logging.getLogger("mailsrv.delivery")
 
 POLL = 1.0
 BATCH = 100
+#: how often a worker looks for held mail past the queue lifetime (ODMR mail not collected)
+UNCOLLECTED_EVERY = 60.0
 MAX_ALIAS_HOPS = 10
 
 
@@ -68,6 +70,7 @@ class Worker:
         self.config = config
         self.owner = lock_holder(name)
         self.expired_checked = 0.0
+        self.uncollected_checked = 0.0
 
     def run_once(self) -> int:
         """Deliver one batch (every destination here is decided without network I/O, so
@@ -82,6 +85,9 @@ class Worker:
         if not handled and not expired:
             self.expired_checked = now
             handled, applied = self.store.queue.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, True)
+        if now - self.uncollected_checked > UNCOLLECTED_EVERY:
+            self.uncollected_checked = now
+            applied += self.fail_uncollected()
         for outcome in applied:
             c = outcome.claimed
             log.info(
@@ -89,6 +95,15 @@ class Worker:
                 f" ({outcome.status or ''} {outcome.error})" if outcome.error else "",
             )
         return handled
+
+    def fail_uncollected(self) -> list[Outcome]:
+        """Held mail older than the queue lifetime fails, with a bounce to its sender:
+        the ODMR customer did not collect it."""
+        lifetime = self.config.delivery.queue_lifetime
+        stale = self.store.leases.claim_uncollected(self.owner, utcnow() - timedelta(seconds=lifetime), 60.0)
+        reason = f"the customer did not collect it within {timedelta(seconds=int(lifetime))}"
+        outcomes = [Outcome(c, Action.FAIL, status="4.4.7", error=reason) for c in stale]
+        return self.store.leases.settle(self.owner, outcomes, self.local_copy, self.bounce) if outcomes else []
 
     def decide_all(self, claimed: list[Claimed], resolver: Resolver) -> list[Outcome]:
         """Decide a batch (on any thread: nothing is kept on the worker)."""

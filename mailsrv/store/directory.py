@@ -13,7 +13,18 @@ from enum import StrEnum
 from sqlalchemy import bindparam, delete, func, insert, select, update
 
 from ..db import Database
-from ..models import Account, Alias, Domain, MaildropLock, Message, OdmrGrant, utcnow
+from ..models import (
+    Account,
+    Alias,
+    Domain,
+    MaildropLock,
+    Message,
+    OdmrGrant,
+    QueuedMessage,
+    QueueRecipient,
+    State,
+    utcnow,
+)
 from .common import AccountInfo, DomainInfo, Refused, split_address
 
 ACCOUNT_COLUMNS = (
@@ -272,15 +283,32 @@ class Directory:
             select(func.count()).where(OdmrGrant.account_id == account_id, OdmrGrant.domain_id == domain_id)
         ) > 0
 
-    def list_odmr(self) -> list[tuple[str, str]]:
+    def odmr_overview(self) -> list[tuple[str, list[str], int, int, object]]:
+        """Each ODMR domain: (name, the accounts granted it, messages waiting, their
+        octets, when the oldest came); waiting means held or being turned round now."""
         with self.db.read_core() as conn:
-            rows = conn.execute(
-                select(Account.address, Domain.name)
-                .join(OdmrGrant, OdmrGrant.account_id == Account.id)
-                .join(Domain, Domain.id == OdmrGrant.domain_id)
-                .order_by(Account.address, Domain.name)
+            names = conn.execute(select(Domain.name).where(Domain.kind == "odmr").order_by(Domain.name)).scalars().all()
+            grants: dict[str, list[str]] = {name: [] for name in names}
+            for address, domain in conn.execute(
+                select(Account.address, Domain.name).join(OdmrGrant, OdmrGrant.account_id == Account.id)
+                .join(Domain, Domain.id == OdmrGrant.domain_id).order_by(Account.address)
+            ):
+                grants.setdefault(domain, []).append(address)
+            waiting = (
+                select(QueueRecipient.domain, QueuedMessage.id, QueuedMessage.size, QueuedMessage.created_at)
+                .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
+                .where(QueueRecipient.state.in_((State.HELD, State.INFLIGHT)), QueueRecipient.domain.in_(names))
+                .distinct()
+                .subquery()
             )
-            return [(r[0], r[1]) for r in rows]
+            totals = {
+                r[0]: (int(r[1]), int(r[2] or 0), r[3])
+                for r in conn.execute(
+                    select(waiting.c.domain, func.count(waiting.c.id), func.sum(waiting.c.size), func.min(waiting.c.created_at))
+                    .group_by(waiting.c.domain)
+                )
+            }
+        return [(name, grants[name], *totals.get(name, (0, 0, None))) for name in names]
 
     def granted_domains(self, account_id: int) -> list[str]:
         """The ODMR domains this account may ATRN, by name."""

@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy import bindparam, func, select, text, update
 
 from ..db import Database
-from ..models import Domain, QueueRecipient, State, utcnow
+from ..models import Domain, QueuedMessage, QueueRecipient, State, utcnow
 from .common import holder_is_dead, this_host
 from .queue import OUR_DOMAINS, Bounce, Claimed, LocalCopy, Outcome, due, due_in, settle_in
 
@@ -35,6 +35,11 @@ HELD_IN_DOMAIN = due(
     (QueueRecipient.state == State.HELD)
     | ((QueueRecipient.state == State.INFLIGHT) & (QueueRecipient.lease_expires_at < bindparam("now"))),
     QueueRecipient.domain.in_(select(Domain.name).where(Domain.kind == "odmr")),
+    order=(QueueRecipient.queue_id, QueueRecipient.id),
+)
+#: held recipients whose message came before a time: mail the customer did not collect
+UNCOLLECTED = due(
+    QueueRecipient.state == State.HELD, QueuedMessage.created_at < bindparam("before"),
     order=(QueueRecipient.queue_id, QueueRecipient.id),
 )
 #: another holder's live lease in one ODMR domain: someone is turning it round
@@ -116,6 +121,14 @@ class Leases:
                 expires = now + timedelta(seconds=lease)
                 raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
             return claimed
+
+    def claim_uncollected(self, owner: str, before, lease: float, limit: int = 100) -> list[Claimed]:
+        """Lease held recipients whose message was queued before ``before`` (held past the
+        queue lifetime: the caller fails them). A plain read looks first."""
+        with self.db.read_raw() as raw:
+            if not due_in(raw, (UNCOLLECTED,), {"before": before, "now": utcnow()}, 1, lock=False):
+                return []
+        return self._claim(owner, lease, limit, (UNCOLLECTED,), {"before": before})
 
     def _claim(self, owner: str, lease: float, limit: int, statements, params: dict) -> list[Claimed]:
         now = utcnow()
