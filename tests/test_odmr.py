@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from mailsrv.auth import cram_md5_digest
 from mailsrv.delivery.worker import Worker
+from mailsrv.protocols import odmr as odmrmod
 from mailsrv.protocols.odmr import OdmrHandler as O
 
 from .conftest import PASSWORD, make_config
@@ -156,7 +157,10 @@ def test_atrn_refusals(odmr, store, db_url, tmp_path, database):
     assert states(database) == [("x@notyours.example", "held"), ("y@customer.example", "held")]  # nothing sent
 
 
-def test_atrn_delivers_every_held_message_and_marks_them_delivered(odmr, store, db_url, tmp_path, database):
+@pytest.mark.parametrize("batch", [4 << 20, 1])
+def test_atrn_delivers_every_held_message_and_marks_them_delivered(odmr, store, db_url, tmp_path, database, batch,
+                                                                   monkeypatch):
+    monkeypatch.setattr(odmrmod, "BATCH_OCTETS", batch)  # 1: every message a batch of its own
     hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example", "y@other.example", "bob@example.org"],
          b"Subject: one\r\n\r\n.dotted\r\nline\r\n")
     hold(store, db_url, tmp_path, "", ["z@customer.example"], b"Subject: two\r\n\r\nbounce\r\n")
@@ -192,7 +196,8 @@ def test_4xx_keeps_held_and_5xx_bounces(odmr, store, db_url, tmp_path, database,
     assert b"550 5.1.1 no such user" in store.maildrops.read_body(store.directory.find_account(ANN).id, bounces[0][0])
 
 
-def test_a_customer_vanishing_mid_text_leaves_the_rest_held(odmr, store, db_url, tmp_path, database):
+def test_a_customer_vanishing_mid_text_leaves_the_rest_held(odmr, store, db_url, tmp_path, database, monkeypatch):
+    monkeypatch.setattr(odmrmod, "BATCH_OCTETS", 1)  # the first message settled before the second is sent
     for i in range(3):
         hold(store, db_url, tmp_path, "a@b.example", [f"m{i}@customer.example"])
     c = odmr()

@@ -21,8 +21,9 @@ Decisions where the RFC leaves room (see also docs/design.md, "ODMR"):
 - Reversed: mailsrv waits for the customer's ``220`` (at least 10 minutes, RFC 2645
   section 5.2.1), sends EHLO (HELO if refused), then every held message for those domains:
   MAIL FROM, a RCPT for each of its recipients there, DATA with dot-stuffing, message after
-  message, pipelined when the customer offers PIPELINING; then QUIT. Each message's
-  recipients are settled as soon as its reply comes: 2xx delivered, 4xx held again, 5xx
+  message, pipelined when the customer offers PIPELINING; then QUIT. The recipients are
+  settled by their replies a batch of messages (4 MB of text) at a time, and whatever was
+  answered is settled when the turn ends however it ends: 2xx delivered, 4xx held again, 5xx
   failed with one RFC 3464 bounce (never for the empty sender). A connection lost on the
   way leaves whatever was not answered held, so the next ATRN sends exactly those.
 """
@@ -46,8 +47,10 @@ _DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-
 ATRN_DOMAINS = re.compile(rf"{_DOMAIN}(?:,{_DOMAIN})*")
 #: how long each read of the customer may take once reversed (RFC 2645 section 5.2.1: 10 min)
 REVERSED_TIMEOUT = 600.0
-#: how long the held recipients of one turn stay leased (the turn settles each message at once)
+#: how long the held recipients of one turn stay leased (the turn settles as it goes)
 TURN_LEASE = 3600.0
+#: message text read from the database, and answered recipients settled, a batch at a time
+BATCH_OCTETS = 4 * 1024 * 1024
 
 
 class OdmrHandler(SmtpAuth, LineHandler):
@@ -165,21 +168,37 @@ class Turn:
 
     def run(self) -> None:
         pending = dict(self.messages)
+        answered: list[Outcome] = []  # settled a batch at a time (one commit, not one per message)
         try:
             self.hello()
-            for queue_id in list(pending):
-                recipients = pending[queue_id]
-                body = self.store.queue.bodies([queue_id])[queue_id]
-                self.settle(self.send_message(recipients, body))
-                del pending[queue_id]  # (answered: not held again below)
+            for batch in self.batches(list(pending.items())):
+                bodies = self.store.queue.bodies(batch)
+                for queue_id in batch:
+                    answered += self.send_message(pending[queue_id], bodies[queue_id])
+                    del pending[queue_id]  # (answered: not held again below)
+                answered = self.settle(answered)
             self.stream.send("QUIT")
             self.stream.read_reply()
         except (ReplyError, OSError, ValueError) as exc:
             self.log.info("[%s] turn ended early: %s", self.peer, exc)
-        finally:  # whatever was not answered waits for the next ATRN
+        finally:  # what was answered is settled; what was not waits for the next ATRN
             left = [c for recipients in pending.values() for c in recipients]
-            if left:
-                self.settle([Outcome(c, Action.HOLD) for c in left])
+            self.settle(answered + [Outcome(c, Action.HOLD) for c in left])
+
+    @staticmethod
+    def batches(messages: list[tuple[int, list[Claimed]]]):
+        """The queue ids in order, in batches of at most BATCH_OCTETS of message text (one
+        larger message makes a batch of its own)."""
+        batch, octets = [], 0
+        for queue_id, recipients in messages:
+            size = recipients[0].size
+            if batch and octets + size > BATCH_OCTETS:
+                yield batch
+                batch, octets = [], 0
+            batch.append(queue_id)
+            octets += size
+        if batch:
+            yield batch
 
     def hello(self) -> None:
         greeting = self.stream.read_reply()
@@ -244,8 +263,13 @@ class Turn:
         status = status if re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", status) else "5.0.0"
         return Outcome(c, Action.FAIL, status=status, error=said)
 
-    def settle(self, outcomes: list[Outcome]) -> None:
+    def settle(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Apply the outcomes (nothing when there are none); return an empty list to
+        collect the next ones in."""
+        if not outcomes:
+            return []
         applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce)
         for outcome in applied:
             self.log.info("queue %d: <%s> %s%s", outcome.claimed.queue_id, outcome.claimed.recipient, outcome.action,
                           f" ({outcome.error})" if outcome.error else "")
+        return []
