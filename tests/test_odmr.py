@@ -196,13 +196,15 @@ def test_4xx_keeps_held_and_5xx_bounces(odmr, store, db_url, tmp_path, database,
     assert b"550 5.1.1 no such user" in store.maildrops.read_body(store.directory.find_account(ANN).id, bounces[0][0])
 
 
-def test_a_customer_vanishing_mid_text_leaves_the_rest_held(odmr, store, db_url, tmp_path, database, monkeypatch):
-    monkeypatch.setattr(odmrmod, "BATCH_OCTETS", 1)  # the first message settled before the second is sent
+@pytest.mark.parametrize("pipelining,batch", [(False, 1), (False, 4 << 20), (True, 4 << 20)])
+def test_a_customer_vanishing_mid_text_leaves_the_rest_held(odmr, store, db_url, tmp_path, database, monkeypatch,
+                                                            pipelining, batch):
+    monkeypatch.setattr(odmrmod, "BATCH_OCTETS", batch)  # 1: each message settled before the next is sent
     for i in range(3):
         hold(store, db_url, tmp_path, "a@b.example", [f"m{i}@customer.example"])
     c = odmr()
     assert c.ask("ATRN") == O.REPLY_TURNING
-    Customer(c, vanish_in_text=1).serve()  # takes the first message, vanishes in the second
+    Customer(c, pipelining=pipelining, vanish_in_text=1).serve()  # takes the first, vanishes in the second
     assert settled(database, ["delivered", "held", "held"]) == ["delivered", "held", "held"]
     d = odmr()
     assert d.ask("ATRN") == O.REPLY_TURNING
