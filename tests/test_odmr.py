@@ -17,6 +17,7 @@ from mailsrv.protocols import odmr as odmrmod
 from mailsrv.protocols.odmr import OdmrHandler as O
 
 from .conftest import PASSWORD, make_config
+from .test_server import certificate  # noqa: F401  (fixture)
 
 ANN = "ann@example.org"  # has a CRAM secret (the accounts fixture)
 
@@ -324,3 +325,37 @@ def test_mail_the_customer_does_not_collect_bounces_at_the_queue_lifetime(store,
     [entry] = store.maildrops.mailbox_list(ANN)
     report = store.maildrops.read_body(store.directory.find_account(ANN).id, entry[0])
     assert b"<x@customer.example>: the customer did not collect it within 0:00:00" in report
+
+
+def test_failed_logins_count_against_the_session_budget(odmr):
+    c = odmr(login=False)
+    for _ in range(O.MAX_BAD_COMMANDS - 1):
+        assert cram(c, ANN, "guess") == O.REPLY_AUTH_FAILED
+    assert cram(c, ANN, "guess") == O.REPLY_TOO_MANY_ERRORS
+    assert c.closed()
+
+
+def test_starttls_then_plain_is_offered(make_app, store, client_factory, certificate):  # noqa: F811
+    import ssl
+
+    store.directory.add_domain("customer.example", "odmr")
+    cert, key = certificate
+    app = make_app(odmr={"listen": (("127.0.0.1", 0),)}, tls={"certfile": cert, "keyfile": key})
+    c = client_factory(app.address("odmr"))
+    c.line()
+    c.send("EHLO customer.example")
+    assert [c.line() for _ in range(4)] == ["250-mail.example.org", "250-AUTH CRAM-MD5", "250-STARTTLS", "250 ATRN"]
+    assert c.ask("STARTTLS") == O.REPLY_TLS_READY
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    tls = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    reader = tls.makefile("rb")
+    tls.sendall(b"EHLO customer.example\r\n")
+    assert [reader.readline() for _ in range(3)] == [b"250-mail.example.org\r\n", b"250-AUTH CRAM-MD5 PLAIN\r\n",
+                                                      b"250 ATRN\r\n"]
+    token = base64.b64encode(f"\0{ANN}\0{PASSWORD}".encode())
+    tls.sendall(b"AUTH PLAIN " + token + b"\r\n")
+    assert reader.readline() == (O.REPLY_AUTH_OK + "\r\n").encode()
+    tls.sendall(b"ATRN\r\n")
+    assert reader.readline() == (O.REPLY_NO_MAIL + "\r\n").encode()  # ann has no grant: no domains, no mail
+    tls.close()

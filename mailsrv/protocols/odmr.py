@@ -62,6 +62,7 @@ class OdmrHandler(SmtpAuth, LineHandler):
         AUTHED: frozenset({"ATRN", "QUIT"}),
     }
     MAX_BAD_COMMANDS = 10
+    AUTH_FAILURES_COUNT = True  # a guesser gets MAX_BAD_COMMANDS tries a connection
 
     REFUSAL = "421 4.7.0 Error: too many connections, try again later"
     REPLY_UNKNOWN = "502 5.5.1 Error: command not implemented"

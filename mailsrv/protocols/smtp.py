@@ -291,6 +291,8 @@ class SmtpAuth:
     success ``self.account`` is set and :meth:`logged_in` runs."""
 
     LINE_LIMITS: ClassVar = {"AUTH": 12288}  # an initial response (RFC 4954 section 4)
+    #: whether a failed AUTH counts against the session's bad-command budget
+    AUTH_FAILURES_COUNT: ClassVar[bool] = False
 
     REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
     REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
@@ -338,7 +340,7 @@ class SmtpAuth:
         if account is None:
             self.log.info("[%s] login failed for %r (%s)", self.peer, name[:100], mechanism)
             self.auth.fail(self.peer_ip)
-            raise ProtocolError(self.REPLY_AUTH_FAILED, bad=False)
+            raise ProtocolError(self.REPLY_AUTH_FAILED, bad=self.AUTH_FAILURES_COUNT)
         self.auth.succeeded(self.peer_ip)
         self.store.directory.record_login(account.id)
         self.account = account
