@@ -534,3 +534,16 @@ def test_destination_concurrency_bounds_parallel_sessions(store, database, smart
     for t in threads:
         t.join(60)
     assert len(script.received) == 30 and script.most == 1
+
+
+def test_nothing_is_begun_once_half_the_lease_is_gone(store, database, smarthost, relay_for):
+    """A batch outliving half its lease gives the rest back (queued, due, no attempt
+    counted) rather than sending what another worker may take over."""
+    script, server = smarthost()
+    relay, _ = relay_for(relayhost=f"127.0.0.1:{server.port}", lease=0.0)
+    store.queue.enqueue(ANN, BODY, ["x@remote.example"], "mpp")
+    assert relay.run_once() == 1
+    assert rows(database) == [("x@remote.example", "queued", 0, None)] and script.received == []
+    relay, _ = relay_for(relayhost=f"127.0.0.1:{server.port}")
+    relay.run_once()
+    assert rows(database)[0][1] == "delivered"

@@ -36,6 +36,7 @@ import random
 import smtplib
 import ssl
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -150,11 +151,18 @@ class Relay:
         self.owner = lock_holder(name)
         self.bounce = bounce
         self.signer = Signer(config)
+        self.deadline = 0.0  # (set per batch: see run_once)
+        self.data_timeout = DATA_TIMEOUT
 
     def run_once(self) -> int:
-        claimed = self.store.leases.claim_remote(self.owner, self.config.delivery.lease, BATCH)
+        lease = self.config.delivery.lease
+        claimed = self.store.leases.claim_remote(self.owner, lease, BATCH)
         if not claimed:
             return 0
+        # no message is begun once half the lease is gone, and none may take longer than
+        # the other half: a recipient is never sent by two workers at once
+        self.deadline = time.monotonic() + lease / 2
+        self.data_timeout = min(DATA_TIMEOUT, lease / 2)
         groups: dict[str, list[Claimed]] = defaultdict(list)
         for c in claimed:
             groups[self.destinations.key(c)].append(c)
@@ -176,7 +184,6 @@ class Relay:
                 return [Outcome(c, Action.FAIL, status=exc.status, error=str(exc)) for c in items]
             except TemporaryFailure as exc:
                 return [self.retry(c, "4.4.3", str(exc)) for c in items]
-            bodies = self.store.queue.bodies({c.queue_id for c in items})
             by_message: dict[int, list[Claimed]] = defaultdict(list)
             for c in items:
                 by_message[c.queue_id].append(c)
@@ -185,6 +192,9 @@ class Relay:
             outcomes: list[Outcome] = []
             try:
                 for queue_id, recipients in by_message.items():
+                    if time.monotonic() > self.deadline:  # the lease is half gone: the rest go back
+                        outcomes += [Outcome(c, Action.RELEASE) for c in recipients]
+                        continue
                     if session is None:
                         try:
                             session, host = self.open(hosts)
@@ -192,7 +202,7 @@ class Relay:
                             outcomes += [self.retry(c, "4.4.1", str(exc)) for c in recipients]
                             continue
                     try:
-                        body = self.signer.sign(recipients[0].sender, bodies[queue_id])
+                        body = self.signer.sign(recipients[0].sender, self.store.queue.bodies([queue_id])[queue_id])
                     except (OSError, ValueError, dkim.DKIMException) as exc:  # (logged with each retry)
                         outcomes += [self.retry(c, "4.7.5", f"cannot DKIM-sign: {exc}") for c in recipients]
                         continue
@@ -265,7 +275,7 @@ class Relay:
             if not accepted:
                 _reset(session)
                 return outcomes, session
-            session.sock.settimeout(DATA_TIMEOUT)
+            session.sock.settimeout(self.data_timeout)
             code, text = _closing(*session.data(body))
             session.sock.settimeout(TIMEOUT)
         except smtplib.SMTPDataError as exc:  # DATA itself was refused

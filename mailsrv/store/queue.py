@@ -50,11 +50,12 @@ class Action(StrEnum):
     HOLD = "hold"  # held for an ODMR customer
     RETRY = "retry"  # again after ``delay`` seconds (``status``, ``error``)
     FAIL = "fail"  # bounced (``status``: an RFC 3463 code, ``error``: the reason)
+    RELEASE = "release"  # not tried after all: queued again, due now, no attempt counted
 
 
 STATE_AFTER = {
     Action.DELIVER: State.DELIVERED, Action.SENT: State.DELIVERED, Action.FORWARD: State.DELIVERED,
-    Action.HOLD: State.HELD, Action.RETRY: State.QUEUED, Action.FAIL: State.FAILED,
+    Action.HOLD: State.HELD, Action.RETRY: State.QUEUED, Action.FAIL: State.FAILED, Action.RELEASE: State.QUEUED,
 }
 
 
