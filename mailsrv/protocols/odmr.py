@@ -40,7 +40,7 @@ from ..message import dot_stuff_parts
 from ..server import LineHandler, ProtocolError
 from ..store import Action, Claimed, Outcome, lock_holder
 from ..stream import LineStream, ReplyError
-from .smtp import SmtpAuth
+from .smtp import SmtpAuth, SmtpReplies
 
 START, AUTHED = "START", "AUTHED"
 #: RFC 2645 section 5.3's ABNF for the domains of ATRN
@@ -54,7 +54,7 @@ TURN_LEASE = 3600.0
 BATCH_OCTETS = 4 * 1024 * 1024
 
 
-class OdmrHandler(SmtpAuth, LineHandler):
+class OdmrHandler(SmtpAuth, SmtpReplies, LineHandler):
     protocol = "odmr"
     INITIAL_STATE = START
     STATES: ClassVar = {
@@ -64,26 +64,14 @@ class OdmrHandler(SmtpAuth, LineHandler):
     MAX_BAD_COMMANDS = 10
     AUTH_FAILURES_COUNT = True  # a guesser gets MAX_BAD_COMMANDS tries a connection
 
-    REFUSAL = "421 4.7.0 Error: too many connections, try again later"
     REPLY_UNKNOWN = "502 5.5.1 Error: command not implemented"
-    REPLY_WRONG_STATE = "503 5.5.1 Error: bad sequence of commands"
-    REPLY_TOO_LONG = "500 5.5.2 Error: line too long"
-    REPLY_BAD_CHARS = "500 5.5.2 Error: invalid characters in command"
-    REPLY_TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors, closing connection"
-    REPLY_TIMEOUT = "421 4.4.2 Error: timeout exceeded, closing connection"
-    REPLY_INTERNAL = "451 4.3.0 Error: internal error, try again later"
     REPLY_UNAVAILABLE = "451 4.3.0 Error: cannot check the domains now, try again later"
-    REPLY_SHUTDOWN = "421 4.3.2 Error: server shutting down, closing connection"
-    REPLY_BYE = "221 2.0.0 Bye"
     REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
     REPLY_ATRN_SYNTAX = "501 5.5.4 Syntax: ATRN [domain,domain...]"
     REPLY_NOT_GRANTED = "450 4.7.1 Error: not allowed to collect mail for {domain}"
     REPLY_BUSY = "450 4.3.2 Error: {domain} is being collected by another session"
     REPLY_NO_MAIL = "453 4.3.0 No mail waiting for you"
     REPLY_TURNING = "250 2.0.0 OK now reversing the connection"
-    REPLY_NEED_HOSTNAME = "501 5.5.4 Syntax: EHLO hostname"
-    REPLY_TLS_READY = "220 2.0.0 Ready to start TLS"
-    REPLY_NO_TLS = "454 4.7.0 TLS not available"
 
     def idle_timeout(self) -> float:
         return self.config.odmr.idle_timeout

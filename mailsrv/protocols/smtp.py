@@ -57,7 +57,24 @@ IDLE_TIMEOUT = 300.0
 _ALWAYS = frozenset({"NOOP", "QUIT", "RSET", "HELP", "VRFY", "EHLO", "HELO"})
 
 
-class SmtpHandler(LineHandler):
+class SmtpReplies:
+    """The replies every SMTP-style protocol here shares (SMTP, submission, ODMR)."""
+
+    REFUSAL = "421 4.7.0 Error: too many connections, try again later"
+    REPLY_WRONG_STATE = "503 5.5.1 Error: bad sequence of commands"
+    REPLY_TOO_LONG = "500 5.5.2 Error: line too long"
+    REPLY_BAD_CHARS = "500 5.5.2 Error: invalid characters in command"
+    REPLY_TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors, closing connection"
+    REPLY_TIMEOUT = "421 4.4.2 Error: timeout exceeded, closing connection"
+    REPLY_INTERNAL = "451 4.3.0 Error: internal error, try again later"
+    REPLY_SHUTDOWN = "421 4.3.2 Error: server shutting down, closing connection"
+    REPLY_BYE = "221 2.0.0 Bye"
+    REPLY_NEED_HOSTNAME = "501 5.5.4 Syntax: EHLO hostname"
+    REPLY_TLS_READY = "220 2.0.0 Ready to start TLS"
+    REPLY_NO_TLS = "454 4.7.0 TLS not available"
+
+
+class SmtpHandler(SmtpReplies, LineHandler):
     """Port 25: mail for local and ODMR domains, from anyone, never relayed."""
 
     protocol = "smtp"
@@ -73,24 +90,14 @@ class SmtpHandler(LineHandler):
     MAX_BAD_COMMANDS = 20  # Postfix's smtpd_hard_error_limit
     MAX_RECIPIENTS = 1000  # RFC 5321 section 4.5.3.1.8 asks for at least 100
 
-    REFUSAL = "421 4.7.0 Error: too many connections, try again later"
     REPLY_UNKNOWN = "500 5.5.2 Error: command not recognized"
-    REPLY_WRONG_STATE = "503 5.5.1 Error: bad sequence of commands"
-    REPLY_TOO_LONG = "500 5.5.2 Error: line too long"
-    REPLY_BAD_CHARS = "500 5.5.2 Error: invalid characters in command"
-    REPLY_TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors, closing connection"
-    REPLY_TIMEOUT = "421 4.4.2 Error: timeout exceeded, closing connection"
-    REPLY_INTERNAL = "451 4.3.0 Error: internal error, try again later"
     REPLY_UNAVAILABLE = "451 4.3.0 Error: mail store unavailable, try again later"
-    REPLY_SHUTDOWN = "421 4.3.2 Error: server shutting down, closing connection"
     REPLY_OK = "250 2.0.0 Ok"
     REPLY_SENDER_OK = "250 2.1.0 Ok"
     REPLY_RECIPIENT_OK = "250 2.1.5 Ok"
-    REPLY_BYE = "221 2.0.0 Bye"
     REPLY_HELP = "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS"
     REPLY_VRFY = "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
     REPLY_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"
-    REPLY_NEED_HOSTNAME = "501 5.5.4 Syntax: EHLO hostname"
     REPLY_MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM:<address>"
     REPLY_RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address>"
     REPLY_BAD_ADDRESS = "501 5.1.3 Bad address syntax"
@@ -106,8 +113,6 @@ class SmtpHandler(LineHandler):
     REPLY_LOOP = "554 5.4.6 Error: too many hops (mail loop?)"
     REPLY_NOT_QUEUED = "451 4.3.0 Error: the message has not been queued, try again later"
     REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
-    REPLY_TLS_READY = "220 2.0.0 Ready to start TLS"
-    REPLY_NO_TLS = "454 4.7.0 TLS not available"
     REPLY_TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 
     def idle_timeout(self) -> float:
