@@ -195,6 +195,15 @@ def deliver(store: Store, address: str, body: bytes, sender: str = "sender@examp
     return store.maildrops.deliver_local(account.id, body, sender=sender)
 
 
+def wait_unlocked(store: Store) -> None:
+    """Until no maildrop lock is held: a session whose client hung up releases its lock
+    once its thread has seen the end of input (each look is one query, bounded in number)."""
+    for _ in range(10_000):
+        with store.db.read_core() as conn:
+            if not conn.exec_driver_sql("SELECT count(*) FROM maildrop_locks").scalar():
+                return
+
+
 @pytest.fixture
 def short_lock_waits(monkeypatch):
     monkeypatch.setattr(dbmod, "SQLITE_BUSY_TIMEOUT_MS", 300)

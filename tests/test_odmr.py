@@ -359,3 +359,12 @@ def test_starttls_then_plain_is_offered(make_app, store, client_factory, certifi
     tls.sendall(b"ATRN\r\n")
     assert reader.readline() == (O.REPLY_NO_MAIL + "\r\n").encode()  # ann has no grant: no domains, no mail
     tls.close()
+
+
+def test_a_customer_gone_before_the_turn_leaves_its_mail_held(odmr, store, db_url, tmp_path, database):
+    hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example"])
+    c = odmr()
+    assert c.ask("ATRN customer.example") == O.REPLY_TURNING  # the recipient is leased now ...
+    c.close()  # ... and the customer is gone before its 220
+    assert settled(database, ["held"]) == ["held"]
+    assert odmr().ask("ATRN customer.example") == O.REPLY_TURNING  # not 450: nobody holds it

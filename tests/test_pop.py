@@ -9,7 +9,7 @@ import pytest
 from mailsrv.message import mbox_entry
 from mailsrv.protocols.pop import PopHandler
 
-from .conftest import PASSWORD, deliver
+from .conftest import PASSWORD, deliver, wait_unlocked
 
 ANN = "ann@example.org"
 BODIES = [b"Subject: one\r\n\r\nFrom the start\r\nbody\r\n", b"From: x@example.net\r\n\r\n.\r\nFrom here\r\n"]
@@ -84,6 +84,7 @@ def test_drop_before_rcvd_deletes_nothing(pop, store):
     c.send("RCEV")
     c.file.read(size)
     c.close()
+    wait_unlocked(store)  # until the server has seen the drop
     again = pop()  # the lock is free again
     assert again.ask("RDEL") == f"#{size}"
     assert len(store.maildrops.snapshot(store.directory.find_account(ANN).id)) == 1

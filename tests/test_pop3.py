@@ -12,7 +12,7 @@ import pytest
 from mailsrv.auth import apop_digest, cram_md5_digest
 from mailsrv.protocols.pop3 import Pop3Handler
 
-from .conftest import PASSWORD, deliver
+from .conftest import PASSWORD, deliver, wait_unlocked
 from .test_server import certificate  # noqa: F401  (fixture)
 
 ANN = "ann@example.org"
@@ -141,6 +141,7 @@ def test_dele_then_drop_keeps_message(pop3, store):
     assert c.ask("DELE 1") == Pop3Handler.REPLY_ALREADY_DELETED.format(n=1)
     assert c.ask("STAT") == "+OK 0 0"
     c.close()  # dropped without QUIT
+    wait_unlocked(store)  # until the server has seen the drop
     again = pop3()
     login(again)  # the lock was released when the session ended
     assert again.ask("STAT") == f"+OK 1 {len(MSG1)}"

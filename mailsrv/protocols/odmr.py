@@ -135,9 +135,8 @@ class OdmrHandler(SmtpAuth, SmtpReplies, LineHandler):
             raise ProtocolError(self.REPLY_NO_MAIL, bad=False)
         self.log.info("[%s] %s: ATRN %s: %d recipient(s) waiting", self.peer, self.account.address,
                       ",".join(domains), len(claimed))
-        self.send(self.REPLY_TURNING)
         self.closing = True  # whatever happens now, the session ends with the turn
-        Turn(self, self.turn_round(max(REVERSED_TIMEOUT, self.idle_timeout())), claimed).run()
+        Turn(self, self.turn_round(max(REVERSED_TIMEOUT, self.idle_timeout())), claimed).run(self.REPLY_TURNING)
 
 
 class Turn:
@@ -156,10 +155,13 @@ class Turn:
             self.messages[c.queue_id].append(c)
         self.pipelining = False
 
-    def run(self) -> None:
+    def run(self, go_ahead: str) -> None:
+        """Say ``go_ahead`` (the 250 to ATRN), then deliver; every claimed recipient is
+        settled or held again however this ends."""
         pending = dict(self.messages)
         answered: list[Outcome] = []  # settled a batch at a time (one commit, not one per message)
         try:
+            self.stream.send(go_ahead)
             self.hello()
             for batch in self.batches(list(pending.items())):
                 bodies = self.store.queue.bodies(batch)
