@@ -169,3 +169,14 @@ def test_concurrent_claims_never_share_a_recipient(store, database, accounts):
         t.join(60)
     every = [rid for ids in got.values() for rid in ids]
     assert len(every) == len(set(every)) == 40
+
+
+def test_a_holder_renews_only_its_own_leases(store, database, mixed):
+    claimed = store.leases.claim_remote(RELAY, 600)
+    with database.read_core() as conn:
+        before = conn.execute(text("SELECT lease_expires_at FROM queue_recipients WHERE state = 'inflight'")).scalars().all()
+    assert store.leases.renew(OTHER, claimed, 3600) == 0  # not OTHER's
+    assert store.leases.renew(RELAY, claimed, 3600) == 2
+    with database.read_core() as conn:
+        after = conn.execute(text("SELECT lease_expires_at FROM queue_recipients WHERE state = 'inflight'")).scalars().all()
+    assert all(str(a) > str(b) for a, b in zip(after, before, strict=True))

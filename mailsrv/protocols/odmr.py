@@ -48,8 +48,9 @@ _DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-
 ATRN_DOMAINS = re.compile(rf"{_DOMAIN}(?:,{_DOMAIN})*")
 #: how long each read of the customer may take once reversed (RFC 2645 section 5.2.1: 10 min)
 REVERSED_TIMEOUT = 600.0
-#: how long the held recipients of one turn stay leased (the turn settles as it goes)
-TURN_LEASE = 3600.0
+#: how long the held recipients of one turn stay leased; the turn renews the leases of
+#: what is left after each batch, so a process that dies frees its domains this soon
+TURN_LEASE = 600.0
 #: message text read from the database, and answered recipients settled, a batch at a time
 BATCH_OCTETS = 4 * 1024 * 1024
 
@@ -172,6 +173,7 @@ class Turn:
                         answered += self.send_message(pending[queue_id], bodies[queue_id])
                         del pending[queue_id]  # (answered: not held again below)
                 answered = self.settle(answered)
+                self.store.leases.renew(self.owner, [c for rs in pending.values() for c in rs], TURN_LEASE)
             self.stream.send("QUIT")
             self.stream.read_reply()
         except (ReplyError, OSError, ValueError) as exc:

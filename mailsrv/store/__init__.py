@@ -33,7 +33,8 @@ Which execution path a statement takes (``mailsrv.db`` has two):
   delivery, settlement, leases, a maildrop session, finding an account). Such a statement
   is a module-level constant with named ``bindparam`` values and no expanding ``IN`` list,
   so it is compiled once per database; a transaction on this path is passed around as
-  ``raw``.
+  ``raw``. The Raw path applies no column defaults: a statement sets every value itself
+  (``updated_at`` included), and tests/test_db.py fails when one does not.
 - **Core** (``db.read_core``/``write_core``, a SQLAlchemy Connection): everything else,
   that is administration and the rare reads (the command line, ``queue list``, dead locks
   at start, RFC 918's mbox reads); statements may be built per call. Passed as ``conn``.

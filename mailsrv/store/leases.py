@@ -57,6 +57,13 @@ TAKE_LEASE = (
         updated_at=bindparam("now"),
     )
 )
+#: a lease made longer by its holder
+RENEW_LEASE = (
+    update(QueueRecipient)
+    .where(QueueRecipient.id == bindparam("rid"), QueueRecipient.state == State.INFLIGHT,
+           QueueRecipient.lease_owner == bindparam("owner"))
+    .values(lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))  # (no onupdate on Raw)
+)
 LEASES_OF_THIS_HOST = select(QueueRecipient.id, QueueRecipient.lease_owner, QueueRecipient.domain).where(
     QueueRecipient.state == State.INFLIGHT, QueueRecipient.lease_owner.like(bindparam("host"))
 )
@@ -138,6 +145,18 @@ class Leases:
                 expires = now + timedelta(seconds=lease)
                 raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
             return claimed
+
+    def renew(self, owner: str, claimed: Sequence[Claimed], lease: float) -> int:
+        """Extend ``owner``'s leases of these recipients to ``lease`` seconds from now;
+        return how many it still held."""
+        if not claimed:
+            return 0
+        now = utcnow()
+        expires = now + timedelta(seconds=lease)
+        with self.db.write_raw(durable=False) as raw:
+            return raw.execute(
+                RENEW_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed]
+            ).rowcount
 
     def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy: LocalCopy, bounce: Bounce) -> list[Outcome]:
         """Apply outcomes in one durable transaction, each only while ``owner`` still holds
