@@ -79,6 +79,11 @@ GIVE_BACK = (
 )
 
 
+def _held_in(domains: Iterable[str]) -> list[tuple]:
+    """The queries of the held recipients of these ODMR domains, one domain at a time."""
+    return [((HELD_IN_DOMAIN,), {"domain": name}) for name in sorted({d.strip().lower() for d in domains})]
+
+
 class Leases:
     """Claims and settlements of leased recipients (see the module docstring)."""
 
@@ -93,17 +98,12 @@ class Leases:
         with self.db.read_raw() as raw:
             if not due_in(raw, (REMOTE_QUEUED, REMOTE_EXPIRED), {"now": utcnow()}, 1, lock=False):
                 return []
-        return self._claim(owner, lease, limit, (REMOTE_QUEUED, REMOTE_EXPIRED), {})
+        return self._claim(owner, lease, limit, [((REMOTE_QUEUED, REMOTE_EXPIRED), {})])
 
     def claim_held(self, owner: str, domains: Iterable[str], lease: float, limit: int = 1000) -> list[Claimed]:
         """Lease up to ``limit`` recipients held for these ODMR domains (an ATRN's work), in
         the order their messages came, so that one message's recipients come together."""
-        names = sorted({d.strip().lower() for d in domains})
-        claimed: list[Claimed] = []
-        for name in names:
-            if len(claimed) < limit:
-                claimed += self._claim(owner, lease, limit - len(claimed), (HELD_IN_DOMAIN,), {"domain": name})
-        return claimed
+        return self._claim(owner, lease, limit, _held_in(domains))
 
     def claim_for_turn(self, owner: str, domains: Iterable[str], lease: float, limit: int = 100_000
                        ) -> list[Claimed] | None:
@@ -112,7 +112,8 @@ class Leases:
         one of them, that is, is turning it round now, on this host or another. The check
         and the claim are one transaction; on PostgreSQL claims for one domain also take
         turns on an advisory lock, so two ATRNs at once cannot both pass the check."""
-        names = sorted({d.strip().lower() for d in domains})
+        queries = _held_in(domains)
+        names = [params["domain"] for _, params in queries]
         now = utcnow()
         with self.db.write_raw(durable=False) as raw:
             if self.db.dialect == "postgresql":
@@ -120,14 +121,7 @@ class Leases:
                     raw.execute(DOMAIN_TURN, {"domain": name})
             if any(raw.scalar(TURNING, {"domain": n, "now": now, "owner": owner}) for n in names):
                 return None
-            claimed: list[Claimed] = []
-            for name in names:
-                claimed += due_in(raw, (HELD_IN_DOMAIN,), {"domain": name, "now": now}, limit - len(claimed),
-                                  lock=self.db.dialect == "postgresql")
-            if claimed:
-                expires = now + timedelta(seconds=lease)
-                raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
-            return claimed
+            return self._take_in(raw, owner, lease, limit, queries, now)
 
     def claim_uncollected(self, owner: str, before, lease: float, limit: int = 100) -> list[Claimed]:
         """Lease held recipients whose message was queued before ``before`` (held past the
@@ -135,16 +129,26 @@ class Leases:
         with self.db.read_raw() as raw:
             if not due_in(raw, (UNCOLLECTED,), {"before": before, "now": utcnow()}, 1, lock=False):
                 return []
-        return self._claim(owner, lease, limit, (UNCOLLECTED,), {"before": before})
+        return self._claim(owner, lease, limit, [((UNCOLLECTED,), {"before": before})])
 
-    def _claim(self, owner: str, lease: float, limit: int, statements, params: dict) -> list[Claimed]:
-        now = utcnow()
+    def _claim(self, owner: str, lease: float, limit: int, queries) -> list[Claimed]:
+        """:meth:`_take_in` in a transaction of its own."""
         with self.db.write_raw(durable=False) as raw:
-            claimed = due_in(raw, statements, {**params, "now": now}, limit, lock=self.db.dialect == "postgresql")
-            if claimed:
-                expires = now + timedelta(seconds=lease)
-                raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
-            return claimed
+            return self._take_in(raw, owner, lease, limit, queries, utcnow())
+
+    def _take_in(self, raw, owner: str, lease: float, limit: int, queries, now) -> list[Claimed]:
+        """Lease to ``owner``, in the caller's transaction, up to ``limit`` recipients that
+        the queries name in turn (each ``(due statement pairs, parameters)``). PostgreSQL
+        skips rows another claim has locked."""
+        claimed: list[Claimed] = []
+        for statements, params in queries:
+            if len(claimed) < limit:
+                claimed += due_in(raw, statements, {**params, "now": now}, limit - len(claimed),
+                                  lock=self.db.dialect == "postgresql")
+        if claimed:
+            expires = now + timedelta(seconds=lease)
+            raw.execute(TAKE_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed])
+        return claimed
 
     def renew(self, owner: str, claimed: Sequence[Claimed], lease: float) -> int:
         """Extend ``owner``'s leases of these recipients to ``lease`` seconds from now;
