@@ -401,6 +401,17 @@ class LineHandler(socketserver.BaseRequestHandler):
         """Message text up to its lone "." (:meth:`LineStream.read_text`)."""
         return self.stream.read_text(limit, strict=strict)
 
+    def sasl_response(self, prompt: str, limit: int, too_long: str) -> str:
+        """Send a SASL challenge line (``+ ...`` in POP3, ``334 ...`` in SMTP) and return
+        the client's answer, stripped; ``too_long`` answers a line over ``limit``."""
+        self.send(prompt)
+        line = self.read_line(limit)
+        if line is None:
+            raise ConnectionAbortedError("client left during AUTH")
+        if line is TOO_LONG:
+            raise ProtocolError(too_long)
+        return line.decode("ascii", "replace").strip()
+
     def send(self, line: str) -> None:
         """Send one reply line (CRLF added)."""
         self.stream.send(line)

@@ -228,13 +228,7 @@ class Pop3Handler(LineHandler):
 
     def sasl_exchange(self, challenge: str) -> str:
         """Send a ``+ challenge`` and return the client's answer; ``*`` cancels."""
-        self.send(f"+ {challenge}")
-        line = self.read_line(self.MAX_AUTH_LINE)
-        if line is None:
-            raise ConnectionAbortedError("client left during AUTH")
-        if not isinstance(line, bytes):
-            raise ProtocolError(self.REPLY_SASL_TOO_LONG)
-        answer = line.decode("ascii", "replace").strip()
+        answer = self.sasl_response(f"+ {challenge}", self.MAX_AUTH_LINE, self.REPLY_SASL_TOO_LONG)
         if answer == "*":
             raise ProtocolError(self.REPLY_AUTH_CANCELLED, bad=False)
         return answer

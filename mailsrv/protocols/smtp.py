@@ -364,13 +364,7 @@ class SmtpAuth:
 
     def sasl_exchange(self, challenge: str) -> str:
         """Send a ``334`` challenge and return the client's answer (RFC 4954 section 4)."""
-        self.send(f"334 {challenge}".rstrip() if challenge else "334 ")
-        line = self.read_line(self.LINE_LIMITS["AUTH"])
-        if line is None:
-            raise ConnectionAbortedError("client left during AUTH")
-        if not isinstance(line, bytes):
-            raise ProtocolError(self.REPLY_TOO_LONG)
-        return self.sasl(line.decode("ascii", "replace").strip())
+        return self.sasl(self.sasl_response(f"334 {challenge}", self.LINE_LIMITS["AUTH"], self.REPLY_TOO_LONG))
 
     def decoded(self, response: str) -> str:
         try:
