@@ -250,7 +250,7 @@ class Relay:
                 session.login(d.relay_username, d.relay_password)
             return session
         except smtplib.SMTPAuthenticationError as exc:
-            raise TemporaryFailure(f"{host.name} refused the relay login: {_said(exc.smtp_code, exc.smtp_error)}") from None
+            raise TemporaryFailure(f"{host.name} refused the relay login: {reply_line(exc.smtp_code, exc.smtp_error)}") from None
         except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
             raise TemporaryFailure(f"{host.name}[{host.address}]:{host.port}: {exc}") from None
 
@@ -290,16 +290,16 @@ class Relay:
                     for c in recipients if c.recipient not in answered]
             return outcomes + lost, None
         if code < 300:
-            said = f"{host.name} said: {_said(code, text)}"
-            return outcomes + [Outcome(c, Action.SENT, error=said) for c in accepted], session
+            sent = f"{host.name} said: {reply_line(code, text)}"
+            return outcomes + [Outcome(c, Action.SENT, error=sent) for c in accepted], session
         return outcomes + [self.by_reply(c, host, "DATA", code, text) for c in accepted], session
 
     def by_reply(self, c: Claimed, host: Host, stage: str, code: int, text) -> Outcome:
-        said = f"{host.name} said: {_said(code, text)} (in reply to {stage})"
-        status = _status(code, text)
+        why = f"{host.name} said: {reply_line(code, text)} (in reply to {stage})"
+        status = enhanced_status(code, text)
         if code >= 500:
-            return Outcome(c, Action.FAIL, status=status, error=said)
-        return self.retry(c, status, said)
+            return Outcome(c, Action.FAIL, status=status, error=why)
+        return self.retry(c, status, why)
 
     def retry(self, c: Claimed, status: str, error: str) -> Outcome:
         """Retry after a delay that grows with the message's age, or fail once its
@@ -356,12 +356,13 @@ def _unverified() -> ssl.SSLContext:
     return context
 
 
-def _said(code: int, text) -> str:
+def reply_line(code: int, text) -> str:
+    """A reply as one line for ``last_error`` and bounces: its code and text, whitespace folded."""
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     return f"{code} {' '.join(text.split())}"[:500]
 
 
-def _status(code: int, text) -> str:
+def enhanced_status(code: int, text) -> str:
     """The reply's enhanced status code (RFC 3463), or one made from its basic code."""
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     first = text.split(" ", 1)[0]
@@ -375,7 +376,7 @@ def _closing(code: int, text) -> tuple[int, bytes]:
     """A reply, unless it is 421: the server is closing the session (RFC 5321 section
     3.8), which ends it as a lost connection would."""
     if code == 421:
-        raise smtplib.SMTPServerDisconnected(_said(code, text))
+        raise smtplib.SMTPServerDisconnected(reply_line(code, text))
     return code, text
 
 

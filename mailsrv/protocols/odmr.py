@@ -35,6 +35,7 @@ from collections import defaultdict
 from typing import ClassVar
 
 from ..db import DatabaseUnavailable
+from ..delivery.relay import enhanced_status, reply_line
 from ..delivery.worker import Worker
 from ..message import dot_stuff_parts
 from ..server import LineHandler, ProtocolError
@@ -286,14 +287,12 @@ class Turn:
         return self.stream.read_reply()
 
     def by_reply(self, c: Claimed, reply) -> Outcome:
-        said = f"customer said: {reply.code} {reply.text}"[:500]
+        customer_said = f"customer said: {reply_line(reply.code, reply.text)}"
         if reply.code < 400:
-            return Outcome(c, Action.SENT, error=said)
+            return Outcome(c, Action.SENT, error=customer_said)
         if reply.code < 500:
             return Outcome(c, Action.HOLD)
-        status = reply.text.split(" ", 1)[0]
-        status = status if re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", status) else "5.0.0"
-        return Outcome(c, Action.FAIL, status=status, error=said)
+        return Outcome(c, Action.FAIL, status=enhanced_status(reply.code, reply.text), error=customer_said)
 
     def settle(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Apply the outcomes (nothing when there are none); return an empty list to
