@@ -47,14 +47,21 @@ def message(n: int, size: int = 10 * 1024) -> bytes:
 
 
 class Sink:
-    """An SMTP server that takes everything and notes when each message came."""
+    """An SMTP server that takes everything and notes when each message came; with
+    ``pipelining`` its EHLO reply offers PIPELINING (aiosmtpd reads pipelined commands in
+    order whether offered or not)."""
 
-    def __init__(self):
+    def __init__(self, pipelining: bool = False):
+        self.pipelining = pipelining
         self.times: list[float] = []
         self.done = threading.Condition()
         self.controller = Controller(self, hostname="127.0.0.1", port=free_port())
         self.controller.start()
         self.port = self.controller.port
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]] if self.pipelining else responses
 
     async def handle_DATA(self, server, session, envelope):
         with self.done:
@@ -79,10 +86,10 @@ class Sink:
 
 
 class Mailsrv(MailsrvWithStore):
-    def __init__(self, sink: Sink, workers: int):
+    def __init__(self, sink: Sink, workers: int, sessions: int = 20):
         super().__init__(temp_folder("bench-relay-"), DOMAIN, name=f"mailsrv w{workers}", delivery={
             "workers": str(workers), "relayhost": f"127.0.0.1:{sink.port}", "relay_tls": "none",
-            "destination_concurrency": "20"})
+            "destination_concurrency": str(sessions)})
         self.process.start()
 
     def load(self, count: int) -> None:

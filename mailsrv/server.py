@@ -512,5 +512,6 @@ class LineHandler(socketserver.BaseRequestHandler):
         session speaks as a client over the same stream, whose read buffer keeps whatever
         the peer has already sent; ``timeout`` is how long each read or write may wait."""
         self.stream.set_timeout(timeout)
+        self.stream.prompt()  # (it waits on each reply: no delayed ACK may hold one up)
         self.log.info("[%s] connection turned round", self.peer)
         return self.stream

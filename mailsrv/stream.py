@@ -98,12 +98,15 @@ class SocketReader(io.RawIOBase):
     def __init__(self, sock: socket.socket):
         super().__init__()
         self._sock = sock
+        self.quickack = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         try:
+            if self.quickack:  # (Linux leaves quick-ACK mode by itself: asked again each read)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             return self._sock.recv_into(buffer)
         except BlockingIOError:
             raise TimeoutError("idle timeout") from None
@@ -237,6 +240,17 @@ class LineStream:
             self.sock.settimeout(seconds)
         else:
             set_kernel_timeout(self.sock, seconds)
+
+    def prompt(self) -> None:
+        """Neither side of this connection is to wait on the other's delayed ACK: the
+        writes go out at once (TCP_NODELAY), and, on a plain connection, what is read is
+        ACKed at once (TCP_QUICKACK, Linux). For a peer that answers in several small
+        writes, as a customer relaying its MTA's replies line by line does (fetchmail's
+        ODMR), each waiting on the ACK of the one before (Nagle)."""
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw = getattr(self.rfile, "raw", None)
+        if isinstance(raw, SocketReader) and hasattr(socket, "TCP_QUICKACK"):
+            raw.quickack = True
 
     def start_tls(self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None) -> None:
         """Switch to TLS. Whatever the peer sent before the handshake and is still in the

@@ -75,11 +75,12 @@ def cram(c, user: str, secret: str) -> str:
 
 class Customer:
     """The customer's MTA after the turn, scripted: codes per recipient at RCPT, in turn
-    after each final dot; it may vanish in the middle of a text."""
+    after each final dot; it may vanish in the middle of a text, and may be an old MTA
+    that knows only HELO (``helo``: its reply to HELO, EHLO being refused)."""
 
     def __init__(self, c, pipelining: bool = False, rcpt: dict | None = None, after_dot: list | None = None,
-                 vanish_in_text: int | None = None):
-        self.c, self.pipelining = c, pipelining
+                 vanish_in_text: int | None = None, helo: str | None = None):
+        self.c, self.pipelining, self.helo = c, pipelining, helo
         self.rcpt, self.after_dot = rcpt or {}, list(after_dot or [])
         self.vanish_in_text = vanish_in_text
         self.received: list[tuple[str, list[str], bytes]] = []
@@ -91,9 +92,15 @@ class Customer:
         sender, recipients = None, []
         while True:
             line = c.line()
+            if not line:
+                return  # mailsrv closed the connection
             self.commands.append(line)
             verb = line.split(" ")[0].upper()
-            if verb == "EHLO":
+            if verb == "EHLO" and self.helo is not None:
+                c.send("500 5.5.1 command unrecognized")
+            elif verb == "HELO" and self.helo is not None:
+                c.send(self.helo)
+            elif verb == "EHLO":
                 c.send("250-customer.example\r\n250 PIPELINING" if self.pipelining else "250 customer.example")
             elif verb == "MAIL":
                 sender, recipients = line[len("MAIL FROM:<"):-1], []
@@ -177,6 +184,27 @@ def test_atrn_delivers_every_held_message_and_marks_them_delivered(odmr, store, 
                                       "bob@example.org": "delivered", "z@customer.example": "delivered"}
     again = odmr()
     assert again.ask("ATRN") == O.REPLY_NO_MAIL
+
+
+def test_a_customer_refusing_ehlo_is_spoken_to_with_helo(odmr, store, db_url, tmp_path, database):
+    hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example"], b"Subject: old\r\n\r\nhello\r\n")
+    c = odmr()
+    assert c.ask("ATRN customer.example") == O.REPLY_TURNING
+    customer = Customer(c, helo="250 customer.example")
+    customer.serve()
+    assert customer.commands[:3] == ["EHLO mail.example.org", "HELO mail.example.org", "MAIL FROM:<a@b.example>"]
+    assert customer.received[0][2].endswith(b"Subject: old\r\n\r\nhello\r\n")
+    assert settled(database, ["delivered"]) == ["delivered"]
+
+
+def test_a_customer_refusing_ehlo_and_helo_leaves_the_mail_held(odmr, store, db_url, tmp_path, database):
+    hold(store, db_url, tmp_path, "a@b.example", ["x@customer.example"])
+    c = odmr()
+    assert c.ask("ATRN customer.example") == O.REPLY_TURNING
+    customer = Customer(c, helo="554 5.7.1 go away")
+    customer.serve()  # (returns when mailsrv closes the connection)
+    assert customer.commands == ["EHLO mail.example.org", "HELO mail.example.org"]
+    assert settled(database, ["held"]) == ["held"]
 
 
 @pytest.mark.parametrize("pipelining", [False, True])

@@ -120,3 +120,21 @@ def test_connect_gives_a_client_stream_over_a_new_socket():
     thread.join(10)
     listener.close()
     assert seen == [b"QUIT\r\n"]
+
+
+def test_a_prompt_stream_sends_at_once_and_acks_at_once_and_still_reads():
+    """An ODMR turn's stream (LineStream.prompt): Nagle off, and each read asks for a
+    quick ACK, so a customer that relays its MTA's replies line by line is not held up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    theirs = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    stream = LineStream(ours, timeout=5)
+    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    stream.prompt()
+    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert stream.rfile.raw.quickack == hasattr(socket, "TCP_QUICKACK")
+    theirs.sendall(b"250-first\r\n")
+    theirs.sendall(b"250 second\r\n")
+    assert stream.read_reply() == Reply(250, ("first", "second"))
+    for s in (theirs, ours, listener):
+        s.close()

@@ -31,6 +31,7 @@ Decisions where the RFC leaves room (see also docs/design.md, "ODMR"):
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
 from typing import ClassVar
 
@@ -50,7 +51,8 @@ ATRN_DOMAINS = re.compile(rf"{_DOMAIN}(?:,{_DOMAIN})*")
 #: how long each read of the customer may take once reversed (RFC 2645 section 5.2.1: 10 min)
 REVERSED_TIMEOUT = 600.0
 #: how long the held recipients of one turn stay leased; the turn renews the leases of
-#: what is left after each batch, so a process that dies frees its domains this soon
+#: what is left once a quarter of this has passed, so a process that dies frees its
+#: domains this soon
 TURN_LEASE = 600.0
 #: message text read from the database, and answered recipients settled, a batch at a time
 BATCH_OCTETS = 4 * 1024 * 1024
@@ -162,6 +164,7 @@ class Turn:
         settled or held again however this ends."""
         pending = dict(self.messages)
         answered: list[Outcome] = []  # settled a batch at a time (one commit, not one per message)
+        renewed = time.monotonic()
         try:
             self.stream.send(go_ahead)
             self.hello()
@@ -173,8 +176,10 @@ class Turn:
                     for queue_id in batch:
                         answered += self.send_message(pending[queue_id], bodies[queue_id])
                         del pending[queue_id]  # (answered: not held again below)
-                answered = self.settle(answered)
-                self.store.leases.renew(self.owner, [c for rs in pending.values() for c in rs], TURN_LEASE)
+                answered = self.settle(answered, bodies)
+                if pending and time.monotonic() - renewed > TURN_LEASE / 4:
+                    self.store.leases.renew(self.owner, [c for rs in pending.values() for c in rs], TURN_LEASE)
+                    renewed = time.monotonic()
             self.stream.send("QUIT")
             self.stream.read_reply()
         except (ReplyError, OSError, ValueError) as exc:
@@ -294,12 +299,12 @@ class Turn:
             return Outcome(c, Action.HOLD)
         return Outcome(c, Action.FAIL, status=enhanced_status(reply.code, reply.text), error=customer_said)
 
-    def settle(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """Apply the outcomes (nothing when there are none); return an empty list to
-        collect the next ones in."""
+    def settle(self, outcomes: list[Outcome], bodies: dict[int, bytes] | None = None) -> list[Outcome]:
+        """Apply the outcomes (nothing when there are none; ``bodies``, the batch's text,
+        spares reading it again); return an empty list to collect the next ones in."""
         if not outcomes:
             return []
-        applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce)
+        applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce, bodies)
         for outcome in applied:
             self.log.info("queue %d: <%s> %s%s", outcome.claimed.queue_id, outcome.claimed.recipient, outcome.action,
                           f" ({outcome.error})" if outcome.error else "")

@@ -162,11 +162,13 @@ class Leases:
                 RENEW_LEASE, [{"rid": c.id, "owner": owner, "expires": expires, "now": now} for c in claimed]
             ).rowcount
 
-    def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy: LocalCopy, bounce: Bounce) -> list[Outcome]:
+    def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy: LocalCopy, bounce: Bounce,
+               bodies: dict[int, bytes] | None = None) -> list[Outcome]:
         """Apply outcomes in one durable transaction, each only while ``owner`` still holds
-        its lease; return those applied (see :func:`~mailsrv.store.queue.settle_in`)."""
+        its lease; return those applied (see :func:`~mailsrv.store.queue.settle_in`).
+        ``bodies``, when the caller has them, saves reading the messages again."""
         with self.db.write_raw() as raw:
-            return settle_in(raw, owner, outcomes, local_copy, bounce, utcnow())
+            return settle_in(raw, owner, outcomes, local_copy, bounce, utcnow(), bodies)
 
     def reclaim_dead_leases(self) -> int:
         """Give the leases of dead processes of this host back at once: a recipient in an
