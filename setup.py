@@ -20,6 +20,7 @@ setup(
         "psycopg[binary]>=3.1",
         "dnspython>=2.4",
         "dkimpy>=1.1",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "aiosmtpd>=1.4"],

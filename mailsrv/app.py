@@ -3,7 +3,8 @@
 ``mailsrv serve`` builds an :class:`App`, which creates (or migrates) the schema, binds
 every enabled listener (logging each bound address: port 0 binds an ephemeral port), drops
 privileges to ``[server] user`` when started as root, starts the delivery workers and
-serves until SIGTERM or SIGINT. Stopping closes the listeners at once, then tells every
+serves until SIGTERM or SIGINT. SIGHUP reloads (:meth:`App.reload`): the TLS certificate
+and key are read again, for sessions that start from then on, and the log level. Stopping closes the listeners at once, then tells every
 session (each says its REPLY_SHUTDOWN and ends), waits up to 5 s for them, cuts off any
 left, stops the workers and exits 0.
 
@@ -19,24 +20,29 @@ import logging
 import os
 import pwd
 import signal
+import ssl
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import db as dbmod
+from . import metrics
 from .auth import Authenticator
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .cpu import pin_to_one_cpu
+from .db import DatabaseUnavailable
 from .delivery.bounce import build_bounce
 from .delivery.worker import DeliveryPool
 from .message import posting_recipients, split_header
 from .server import ConnectionLimiter, MailServer, ServerContext, make_tls_context
-from .store import Store
+from .store import Store, holder_is_dead, lock_holder
 
 log = logging.getLogger("mailsrv.app")
 
 STOP_GRACE = 5.0
+#: how often a running process writes its row of ``server_processes`` (``mailsrv status``)
+ANNOUNCE_EVERY = 10.0
 M_ARENA_MAX = -8  # glibc mallopt parameter
 
 #: every listener: (config section, its key, module, handler class, implicit TLS)
@@ -91,10 +97,16 @@ class App:
             tls_context=tls,
         )
         self.servers: list[MailServer] = []
+        self.metrics_servers: list = []
         self.workers_enabled = workers
         self.delivery = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._announcing = threading.Event()  # set: stop announcing
+        self.holder = lock_holder()
+        self.started_at = datetime.now(UTC)
 
     # --- building --------------------------------------------------------------------
 
@@ -107,6 +119,9 @@ class App:
         taken = self.store.leases.reclaim_dead_leases()
         if taken:
             log.info("took back %d delivery lease(s) of dead processes", taken)
+        for process in self.store.processes.all():
+            if holder_is_dead(process.holder):
+                self.store.processes.withdraw(process.holder)
 
     def bind(self) -> None:
         for section, key, module_name, class_name, implicit_tls in LISTENERS:
@@ -118,6 +133,8 @@ class App:
             handler = getattr(importlib.import_module(module_name), class_name)
             for address in addresses:
                 self._bind_one(address, handler, implicit_tls=implicit_tls)
+        if self.config.metrics.listen:
+            self.metrics_servers = metrics.start(self.config.metrics.listen, self.servers, self.store)
 
     def _bind_one(self, address, handler, *, implicit_tls: bool) -> None:
         try:
@@ -131,10 +148,13 @@ class App:
         log.info("%s listening on %s:%d", server.name, host, port)
 
     def address(self, name: str) -> tuple[str, int]:
-        """The bound (host, port) of the first server called ``name`` (``pop3``, ``pop3s``…)."""
+        """The bound (host, port) of the first server called ``name`` (``pop3``, ``pop3s``…,
+        and ``metrics``)."""
         for server in self.servers:
             if server.name == name:
                 return server.address
+        if name == "metrics" and self.metrics_servers:
+            return self.metrics_servers[0].server_address[:2]
         raise KeyError(name)
 
     @staticmethod
@@ -181,7 +201,39 @@ class App:
             self._threads.append(thread)
         if self.workers_enabled and self.config.delivery.workers:
             self.start_workers()
+        self.announce()
+        announcer = threading.Thread(target=self._announce_loop, name="announce", daemon=True)
+        announcer.start()
+        self._threads.append(announcer)
         return self
+
+    # --- what runs (``server_processes``, for ``mailsrv status``) ----------------------
+
+    def listeners(self) -> list[dict]:
+        """Every bound address: [{"name": "pop3", "address": "0.0.0.0:110"}, ...]."""
+        bound = [(server.name, server.address) for server in self.servers]
+        bound += [("metrics", httpd.server_address[:2]) for httpd in self.metrics_servers]
+        return [{"name": name, "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+                for name, (host, port) in bound]
+
+    def open_sessions(self) -> dict[str, int]:
+        """Sessions open now, by protocol."""
+        counts: dict[str, int] = {}
+        for server in self.servers:
+            counts[server.handler_protocol] = counts.get(server.handler_protocol, 0) + len(server.sessions)
+        return counts
+
+    def announce(self) -> None:
+        """Write this process's row of ``server_processes`` (a database that cannot be
+        reached now is logged; the next announcement tries again)."""
+        try:
+            self.store.processes.announce(self.holder, self.started_at, self.listeners(), self.open_sessions())
+        except DatabaseUnavailable as exc:
+            log.warning("cannot record this process in server_processes: %s", exc)
+
+    def _announce_loop(self) -> None:
+        while not self._announcing.wait(ANNOUNCE_EVERY):
+            self.announce()
 
     def start_workers(self) -> None:
         self.delivery = DeliveryPool(self.store, self.config)
@@ -206,23 +258,64 @@ class App:
                 server.close_sessions(force=True)
         if self.delivery is not None:
             self.delivery.stop(max(0.1, deadline - time.monotonic()))
+        metrics.stop(self.metrics_servers)
+        self._announcing.set()
+        try:
+            self.store.processes.withdraw(self.holder)
+        except DatabaseUnavailable as exc:
+            log.warning("cannot remove this process from server_processes: %s", exc)
         self.db.dispose()
         log.info("stopped%s", "" if clean else " (some sessions did not end in time)")
         return clean
 
+    def reload(self) -> None:
+        """What SIGHUP does: read the configuration file again and take from it the TLS
+        certificate and key (new sessions get them; open ones keep theirs) and the log
+        level. A file that no longer reads, or a certificate that does not load, is logged
+        and the old one kept. Everything else needs a restart, as the log says."""
+        try:
+            config = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload: %s; nothing changed", exc)
+            return
+        logging.getLogger().setLevel(getattr(logging, config.server.log_level.upper(), logging.INFO))
+        if config.tls.enabled != (self.context.tls_context is not None):
+            log.error("reload: TLS turned %s in the configuration: that takes a restart",
+                      "on" if config.tls.enabled else "off")
+        elif config.tls.enabled:
+            try:
+                self.context.tls_context = make_tls_context(config.tls.certfile, config.tls.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("reload: the TLS certificate in %s did not load, the old one stays: %s",
+                          config.tls.certfile, exc)
+            else:
+                log.info("reload: TLS certificate loaded from %s", config.tls.certfile)
+        log.info("reloaded (log level %s)", config.server.log_level)
+
     def serve(self) -> int:
-        """Run until SIGTERM or SIGINT; return the exit status."""
+        """Run until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status."""
         tune_malloc()
         if self.config.server.pin_cpu:  # (before any thread starts: they all inherit it)
             cpu = pin_to_one_cpu()
             if cpu is not None:
                 log.info("threads kept on CPU %d ([server] pin_cpu)", cpu)
+        def asked(event: threading.Event):
+            def handler(*_):
+                event.set()
+                self._wake.set()
+            return handler
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._stop.set())
+            signal.signal(signum, asked(self._stop))
+        signal.signal(signal.SIGHUP, asked(self._reload))
         self.start()
         log.info("mailsrv ready on %s", self.config.server.hostname)
-        while not self._stop.wait(1.0):
-            pass
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                self.reload()
         log.info("stopping")
         self.stop()
         return 0

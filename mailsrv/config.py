@@ -128,6 +128,11 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[Address, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = ""
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -140,6 +145,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def replace(self, **sections: dict[str, Any]) -> Config:
         """A copy with some keys changed, e.g. ``cfg.replace(auth={"failure_delay": 0})``."""
@@ -295,6 +301,7 @@ PARSERS: dict[str, dict[str, Any]] = {
     },
     "tls": {"certfile": _text, "keyfile": _text},
     "dkim": {"selector": _text, "key_dir": _text, "domains": lambda t: tuple(t.lower().replace(",", " ").split())},
+    "metrics": {"listen": parse_listen},
 }
 
 SECTION_CLASSES = {
@@ -308,6 +315,7 @@ SECTION_CLASSES = {
     "auth": AuthConfig,
     "tls": TlsConfig,
     "dkim": DkimConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -327,8 +335,19 @@ def find_config(explicit: str | None = None) -> str:
     )
 
 
-def load_config(path: str | None = None) -> Config:
-    """Read, check and return the configuration (see the module docstring for the search)."""
+def load_config(path: str | None = None, problems: list[str] | None = None) -> Config:
+    """Read, check and return the configuration (see the module docstring for the search).
+
+    The first error raises ConfigError, unless ``problems`` is given (``mailsrv check``):
+    then every error is added to it, naming file, section and key, a bad value is left
+    at its default, and the configuration is returned as far as it could be read. An
+    unreadable file raises either way."""
+
+    def fail(message: str) -> None:
+        if problems is None:
+            raise ConfigError(message)
+        problems.append(message)
+
     path = find_config(path)
     parser = configparser.ConfigParser(interpolation=None, default_section="\0no-default")
     parser.optionxform = str  # keys are case-sensitive, so a typo is caught
@@ -346,18 +365,18 @@ def load_config(path: str | None = None) -> Config:
     sections: dict[str, Any] = {}
     for section in parser.sections():
         if section not in PARSERS:
-            raise ConfigError(
-                f"{path}: unknown section [{section}] (known: {', '.join(PARSERS)})"
-            )
+            fail(f"{path}: unknown section [{section}] (known: {', '.join(PARSERS)})")
+            continue
         values: dict[str, Any] = {}
         for key, raw in parser.items(section):
             key_parser = PARSERS[section].get(key)
             if key_parser is None:
-                raise ConfigError(f"{path}: [{section}] unknown key {key!r}")
+                fail(f"{path}: [{section}] unknown key {key!r}")
+                continue
             try:
                 values[key] = key_parser(raw)
             except ValueError as exc:
-                raise ConfigError(f"{path}: [{section}] {key}: {exc}") from None
+                fail(f"{path}: [{section}] {key}: {exc}")
         sections[section] = SECTION_CLASSES[section](**values)
 
     server = sections.get("server", ServerConfig())
@@ -369,7 +388,8 @@ def load_config(path: str | None = None) -> Config:
     sections["server"] = server
     tls = sections.get("tls", TlsConfig())
     if bool(tls.certfile) != bool(tls.keyfile):
-        raise ConfigError(f"{path}: [tls] certfile and keyfile must be given together")
+        fail(f"{path}: [tls] {'keyfile' if tls.certfile else 'certfile'}: certfile and keyfile must be given together")
+        tls = TlsConfig()
     sections["tls"] = TlsConfig(
         certfile=_resolve_path(tls.certfile, base), keyfile=_resolve_path(tls.keyfile, base)
     )
@@ -377,7 +397,7 @@ def load_config(path: str | None = None) -> Config:
     sections["dkim"] = dataclasses.replace(dkim, key_dir=_resolve_path(dkim.key_dir, base))
     delivery = sections.get("delivery")
     if delivery and delivery.min_backoff > delivery.max_backoff:
-        raise ConfigError(f"{path}: [delivery] min_backoff: larger than max_backoff")
+        fail(f"{path}: [delivery] min_backoff: larger than max_backoff")
     return Config(path=str(Path(path).resolve()), **sections)
 
 

@@ -47,7 +47,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from . import models
+from . import metrics, models
 
 #: how long a statement waits for another writer's lock before the database counts as
 #: unavailable (SQLite busy timeout; PostgreSQL lock_timeout)
@@ -68,7 +68,12 @@ RAW_IDLE_SECONDS = {"sqlite": 10.0, "postgresql": 1.0}
 
 
 class DatabaseUnavailable(Exception):
-    """The database could not be reached or refused the operation (temporary)."""
+    """The database could not be reached or refused the operation (temporary). Each one
+    made is counted (``mailsrv_database_errors_total``): every failed call makes one."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        metrics.DATABASE_ERRORS.inc()
 
 
 class Database:
@@ -522,7 +527,7 @@ def alembic_config(db: Database):
 
 #: the newest revision in mailsrv/migrations/versions (tests/test_schema.py checks it), so
 #: that a server whose database is current never loads Alembic at all
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def upgrade(db: Database) -> str:

@@ -205,3 +205,18 @@ class QueueRecipient(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ServerProcess(Base):
+    """A running ``mailsrv serve`` process, one row each on every host sharing the
+    database: written when it starts and every few seconds after (``seen_at``), deleted
+    when it stops. ``mailsrv status`` reads it; a row whose ``seen_at`` is old belongs to
+    a process that died."""
+
+    __tablename__ = "server_processes"
+
+    holder: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    listeners: Mapped[str] = mapped_column(Text)  # JSON: [{"name": "pop3", "address": "0.0.0.0:110"}, ...]
+    sessions: Mapped[str] = mapped_column(Text)  # JSON: {"pop3": 3, ...}, sessions open by protocol

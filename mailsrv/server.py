@@ -39,6 +39,7 @@ Every session event is logged with the peer address; passwords never are.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import socketserver
@@ -49,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from . import metrics
 from .auth import Authenticator
 from .config import Config
 from .db import DatabaseUnavailable
@@ -65,6 +67,9 @@ THREAD_STACK_SIZE = 512 * 1024
 REFUSAL_TIMEOUT = 1.0
 
 log = logging.getLogger("mailsrv.server")
+#: failed logins, one line each in one format on every protocol, for fail2ban
+#: (scripts/fail2ban/filter.d/mailsrv.conf reads them)
+auth_log = logging.getLogger("mailsrv.auth")
 
 
 class ProtocolError(Exception):
@@ -130,8 +135,12 @@ class ServerContext:
         is woken for the rest (:meth:`DeliveryPool.post`); without, it is only queued, for
         the workers of another process."""
         if self.delivery is not None:
-            return self.delivery.post(sender, body, recipients, origin, account_id)
-        return self.store.queue.enqueue(sender, body, recipients, origin, account_id)
+            queue_id = self.delivery.post(sender, body, recipients, origin, account_id)
+            metrics.ACCEPTED.labels(origin).inc()
+            return queue_id
+        queue_id = self.store.queue.enqueue(sender, body, recipients, origin, account_id)
+        metrics.ACCEPTED.labels(origin).inc()
+        return queue_id
 
 
 def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -174,6 +183,7 @@ class MailServer(socketserver.ThreadingTCPServer):
         threading.stack_size(THREAD_STACK_SIZE)
         super().__init__(address, handler_class)
         self.name = f"{handler_class.protocol}{'s' if implicit_tls else ''}"
+        self.handler_protocol = handler_class.protocol
 
     @property
     def address(self) -> tuple[str, int]:
@@ -317,6 +327,7 @@ class LineHandler(socketserver.BaseRequestHandler):
         if self.stream is None:
             return
         self.server.register(self, True)
+        metrics.SESSIONS.labels(self.protocol).inc()
         self.log.info("[%s] connect%s", self.peer, " (TLS)" if self.tls_active else "")
         try:
             self.greet()
@@ -411,6 +422,22 @@ class LineHandler(socketserver.BaseRequestHandler):
         if line is TOO_LONG:
             raise ProtocolError(too_long)
         return line.decode("ascii", "replace").strip()
+
+    def login_checked(self, account, name: str, mechanism: str) -> bool:
+        """After a password or digest was checked: True when ``account`` (None: the check
+        failed) is logged in. Each failure is logged in one format on every protocol,
+        ``login failed: protocol=P mechanism=M rhost=ADDRESS user="NAME"`` (the name as a
+        JSON string, so nothing in it can pass for another field; never the password),
+        counted, and answered only after the failure delay."""
+        if account is None:
+            auth_log.warning("login failed: protocol=%s mechanism=%s rhost=%s user=%s",
+                             self.protocol, mechanism, self.peer_ip, json.dumps(name[:100]))
+            metrics.LOGINS.labels(self.protocol, mechanism, "failed").inc()
+            self.auth.fail(self.peer_ip)
+            return False
+        self.auth.succeeded(self.peer_ip)
+        metrics.LOGINS.labels(self.protocol, mechanism, "ok").inc()
+        return True
 
     def send(self, line: str) -> None:
         """Send one reply line (CRLF added)."""

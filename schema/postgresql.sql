@@ -19,6 +19,15 @@ CREATE TABLE domains (
 	CONSTRAINT uq_domains_name UNIQUE (name)
 );
 
+CREATE TABLE server_processes (
+	holder VARCHAR(200) NOT NULL,
+	started_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	seen_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	listeners TEXT NOT NULL,
+	sessions TEXT NOT NULL,
+	CONSTRAINT pk_server_processes PRIMARY KEY (holder)
+);
+
 CREATE TABLE accounts (
 	id SERIAL NOT NULL,
 	address VARCHAR(320) NOT NULL,

@@ -17,6 +17,15 @@ CREATE TABLE domains (
 	CONSTRAINT uq_domains_name UNIQUE (name)
 );
 
+CREATE TABLE server_processes (
+	holder VARCHAR(200) NOT NULL,
+	started_at DATETIME NOT NULL,
+	seen_at DATETIME NOT NULL,
+	listeners TEXT NOT NULL,
+	sessions TEXT NOT NULL,
+	CONSTRAINT pk_server_processes PRIMARY KEY (holder)
+);
+
 CREATE TABLE accounts (
 	id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
 	address VARCHAR(320) NOT NULL,

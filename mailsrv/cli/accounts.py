@@ -13,7 +13,7 @@ from ..config import Config, parse_size
 from ..store import Refused, Store
 from .format import human_size, table, when
 
-EXIT_OK = 0
+EXIT_OK, EXIT_REFUSED = 0, 1
 
 
 class UsageError(Exception):
@@ -115,6 +115,21 @@ def cmd_odmr(store: Store, config: Config, args) -> int:
 
 
 def cmd_mailbox(store: Store, config: Config, args) -> int:
+    from pathlib import Path
+
+    from .. import mailboxes
+
+    if args.action == "import":
+        report = mailboxes.import_mailbox(store, args.address, Path(args.path))
+        print("\n".join(report.lines()))
+        return EXIT_OK if not report.skipped else EXIT_REFUSED
+    if args.action == "export":
+        if args.mbox:
+            count = mailboxes.export_mbox(store, args.address, Path(args.mbox))
+        else:
+            count = mailboxes.export_maildir(store, args.address, Path(args.maildir))
+        print(f"exported {count} message(s) to {args.mbox or args.maildir}")
+        return EXIT_OK
     rows = [
         (mid, uid, size, when(received), "yes" if seen else "no", sender or "<>")
         for mid, uid, size, received, seen, sender in store.maildrops.mailbox_list(args.address)

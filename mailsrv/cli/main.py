@@ -19,6 +19,7 @@ from .. import db as dbmod
 from ..config import Config, ConfigError, load_config
 from ..store import Refused, Store
 from .accounts import EXIT_OK, UsageError, cmd_alias, cmd_domain, cmd_mailbox, cmd_odmr, cmd_user
+from .operations import cmd_check, cmd_status
 from .queue import cmd_queue
 
 EXIT_REFUSED, EXIT_USAGE = 1, 2
@@ -144,9 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ksub.add_parser("keygen", help="make the domain's key; print the DNS record to publish").add_argument("domain")
 
+    sub.add_parser("check", help="validate the configuration, database, TLS files, ports, domains; change nothing")
+    p = sub.add_parser("status", help="processes running, sessions, the queue by state, oldest deferred, errors")
+    p.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
+
     p = sub.add_parser("mailbox", help="mailbox contents")
     msub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     msub.add_parser("list").add_argument("address")
+    a = msub.add_parser("import", help="a Maildir or mbox file into the mailbox, order, dates and seen flags kept")
+    a.add_argument("address")
+    a.add_argument("path", help="a Maildir folder or an mbox file")
+    a = msub.add_parser("export", help="the mailbox into a new mbox file or Maildir")
+    a.add_argument("address")
+    to = a.add_mutually_exclusive_group(required=True)
+    to.add_argument("--mbox", metavar="FILE", help="a new mboxrd file")
+    to.add_argument("--maildir", metavar="DIR", help="a new (or empty) Maildir")
     return parser
 
 
@@ -159,7 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "db" and args.action == "schema" and args.dialect:
             return cmd_db(None, args)
+        if args.command == "check":
+            return cmd_check(args.config)
         config = load_config(args.config)
+        if args.command == "status":
+            return cmd_status(config, args)
         if args.command == "serve":
             return cmd_serve(config, args)
         if args.command == "db":
@@ -179,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mailsrv: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except FileExistsError as exc:  # export never writes over a file
+        print(f"mailsrv: {exc.filename}: exists already; export into a new file", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as exc:  # a path that cannot be read or written (import, export)
+        print(f"mailsrv: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EXIT_REFUSED
     except ValueError as exc:  # a bad --quota
         print(f"mailsrv: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -45,6 +45,7 @@ import dkim
 import dns.exception
 import dns.resolver
 
+from .. import metrics
 from ..config import Config
 from ..dkim import Signer
 from ..models import utcnow
@@ -141,6 +142,19 @@ class Destinations:
         return found
 
 
+TRIED = {Action.SENT: ("delivered", "sent"), Action.RETRY: ("deferred", "deferred"), Action.FAIL: ("bounced", "failed")}
+
+
+def count_tried(applied: list[Outcome]) -> None:
+    """Count what the relay settled: ``mailsrv_recipients_total{destination="remote"}``
+    and ``mailsrv_relay_attempts_total`` (a recipient given back untried counts in neither)."""
+    for outcome in applied:
+        if outcome.action in TRIED:
+            settled, tried = TRIED[outcome.action]
+            metrics.RECIPIENTS.labels("remote", settled).inc()
+            metrics.RELAY_ATTEMPTS.labels(tried).inc()
+
+
 class Relay:
     """One relay worker: ``run_once()`` delivers one leased batch."""
 
@@ -169,7 +183,9 @@ class Relay:
         outcomes: list[Outcome] = []
         for key, items in groups.items():
             outcomes += self.deliver(key, items)
-        for outcome in self.store.leases.settle(self.owner, outcomes, _no_copy, self.bounce):
+        applied = self.store.leases.settle(self.owner, outcomes, _no_copy, self.bounce)
+        count_tried(applied)
+        for outcome in applied:
             c = outcome.claimed
             log.info("queue %d: <%s> %s%s", c.queue_id, c.recipient, outcome.action,
                      f" ({outcome.error})" if outcome.error else "")

@@ -46,6 +46,7 @@ import threading
 import time
 from datetime import timedelta
 
+from .. import metrics
 from ..config import Config
 from ..db import DatabaseUnavailable
 from ..models import utcnow
@@ -60,6 +61,22 @@ BATCH = 100
 #: how often a worker looks for held mail past the queue lifetime (ODMR mail not collected)
 UNCOLLECTED_EVERY = 60.0
 MAX_ALIAS_HOPS = 10
+
+
+def count_settled(applied: list[Outcome], destination: str) -> None:
+    """Count settled recipients (``mailsrv_recipients_total``) by the kind of work that
+    settled them (``local``, ``remote``, ``odmr``); a forward counts as ``alias``, and a
+    recipient held again with a reason (an ODMR customer's 4xx) as deferred."""
+    for outcome in applied:
+        action = outcome.action
+        if action == Action.FORWARD:
+            metrics.RECIPIENTS.labels("alias", "delivered").inc()
+        elif action in (Action.DELIVER, Action.SENT):
+            metrics.RECIPIENTS.labels(destination, "delivered").inc()
+        elif action == Action.RETRY or (action == Action.HOLD and outcome.error):
+            metrics.RECIPIENTS.labels(destination, "deferred").inc()
+        elif action == Action.FAIL:
+            metrics.RECIPIENTS.labels(destination, "bounced").inc()
 
 
 class Worker:
@@ -85,9 +102,12 @@ class Worker:
         if not handled and not expired:
             self.expired_checked = now
             handled, applied = self.store.queue.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, True)
+        count_settled(applied, "local")
         if now - self.uncollected_checked > UNCOLLECTED_EVERY:
             self.uncollected_checked = now
-            applied += self.fail_uncollected()
+            uncollected = self.fail_uncollected()
+            count_settled(uncollected, "odmr")
+            applied += uncollected
         for outcome in applied:
             c = outcome.claimed
             log.info(
@@ -192,6 +212,9 @@ class DeliveryPool:
         queue_id, left = self.store.queue.post(
             sender, body, recipients, origin, account_id, self.poster.decide_all, Worker.local_copy
         )
+        delivered_now = len({r.lower() for r in recipients}) - left
+        if delivered_now:
+            metrics.RECIPIENTS.labels("local", "delivered").inc(delivered_now)
         if left:
             self.wake()
         return queue_id

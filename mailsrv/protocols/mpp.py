@@ -102,12 +102,9 @@ class MppHandler(LineHandler):
             self.state = FAILED
             raise ProtocolError("530 Authentication Failure: passwords need TLS from your network.", bad=False)
         account = self.auth.check_plain(self.user, arg)
-        if account is None:
-            self.log.info("[%s] login failed for %r", self.peer, self.user[:100])
-            self.auth.fail(self.peer_ip)
+        if not self.login_checked(account, self.user, "USER"):
             self.state = FAILED
             raise ProtocolError("530 Authentication Failure.", bad=False)
-        self.auth.succeeded(self.peer_ip)
         self.store.directory.record_login(account.id)
         self.account, self.state = account, AUTHED
         self.log.info("[%s] %s logged in", self.peer, account.address)

@@ -35,9 +35,10 @@ import time
 from collections import defaultdict
 from typing import ClassVar
 
+from .. import metrics
 from ..db import DatabaseUnavailable
 from ..delivery.relay import enhanced_status, reply_line
-from ..delivery.worker import Worker
+from ..delivery.worker import Worker, count_settled
 from ..message import dot_stuff_parts
 from ..server import LineHandler, ProtocolError
 from ..store import Action, Claimed, Outcome, lock_holder
@@ -128,17 +129,22 @@ class OdmrHandler(SmtpAuth, SmtpReplies, LineHandler):
             for domain in domains:
                 if domain not in granted:
                     self.log.info("[%s] %s: ATRN %s refused: not granted", self.peer, self.account.address, domain)
+                    metrics.ODMR_TURNS.labels("not_granted").inc()
                     raise ProtocolError(self.REPLY_NOT_GRANTED.format(domain=domain), bad=False)
             claimed = self.store.leases.claim_for_turn(self.holder, domains, TURN_LEASE) if domains else []
         except DatabaseUnavailable as exc:
             self.log.warning("[%s] ATRN: database unavailable: %s", self.peer, exc)
+            metrics.ODMR_TURNS.labels("unavailable").inc()
             raise ProtocolError(self.REPLY_UNAVAILABLE, bad=False) from None
         if claimed is None:
+            metrics.ODMR_TURNS.labels("busy").inc()
             raise ProtocolError(self.REPLY_BUSY.format(domain=",".join(domains)), bad=False)
         if not claimed:
+            metrics.ODMR_TURNS.labels("no_mail").inc()
             raise ProtocolError(self.REPLY_NO_MAIL, bad=False)
         self.log.info("[%s] %s: ATRN %s: %d recipient(s) waiting", self.peer, self.account.address,
                       ",".join(domains), len(claimed))
+        metrics.ODMR_TURNS.labels("turned").inc()
         self.closing = True  # whatever happens now, the session ends with the turn
         Turn(self, self.turn_round(max(REVERSED_TIMEOUT, self.idle_timeout())), claimed).run(self.REPLY_TURNING)
 
@@ -296,7 +302,7 @@ class Turn:
         if reply.code < 400:
             return Outcome(c, Action.SENT, error=customer_said)
         if reply.code < 500:
-            return Outcome(c, Action.HOLD)
+            return Outcome(c, Action.HOLD, error=customer_said)
         return Outcome(c, Action.FAIL, status=enhanced_status(reply.code, reply.text), error=customer_said)
 
     def settle(self, outcomes: list[Outcome], bodies: dict[int, bytes] | None = None) -> list[Outcome]:
@@ -305,6 +311,7 @@ class Turn:
         if not outcomes:
             return []
         applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce, bodies)
+        count_settled(applied, "odmr")
         for outcome in applied:
             self.log.info("queue %d: <%s> %s%s", outcome.claimed.queue_id, outcome.claimed.recipient, outcome.action,
                           f" ({outcome.error})" if outcome.error else "")

@@ -96,11 +96,8 @@ class PopHandler(LineHandler):
         if not self.auth.plaintext_allowed(self.peer_ip, self.tls_active):
             raise ProtocolError(self.REPLY_PLAINTEXT, bad=False)
         account = self.auth.check_plain(self.user, arg)
-        if account is None:
-            self.log.info("[%s] login failed for %r", self.peer, self.user[:100])
-            self.auth.fail(self.peer_ip)
+        if not self.login_checked(account, self.user, "USER"):
             raise ProtocolError(self.REPLY_AUTH_FAILED, bad=False)
-        self.auth.succeeded(self.peer_ip)
         self.account, self.state = account, READY
         self.store.directory.record_login(account.id)
         self.log.info("[%s] %s logged in", self.peer, account.address)

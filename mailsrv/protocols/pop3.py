@@ -182,7 +182,7 @@ class Pop3Handler(LineHandler):
         """PASS secret: the rest of the line is the password (it may contain spaces)."""
         if not self.plaintext_ok:
             raise ProtocolError(self.REPLY_PLAINTEXT, bad=False)
-        self.login(self.auth.check_plain(self.user, arg), self.user)
+        self.login(self.auth.check_plain(self.user, arg), self.user, "USER")
 
     def cmd_RPOP(self, arg: str) -> None:
         raise ProtocolError(self.REPLY_RPOP)
@@ -194,7 +194,7 @@ class Pop3Handler(LineHandler):
         name, _, digest = arg.strip().rpartition(" ")
         if not name or len(digest) != 32:
             raise ProtocolError(self.REPLY_APOP_USAGE)
-        self.login(self.auth.check_apop(name, self.timestamp, digest), name)
+        self.login(self.auth.check_apop(name, self.timestamp, digest), name, "APOP")
 
     def cmd_AUTH(self, arg: str) -> None:
         """AUTH [mechanism [initial-response]] (RFC 5034)."""
@@ -214,7 +214,7 @@ class Pop3Handler(LineHandler):
             checked = self.auth.check_sasl_plain(response)
             if checked is None:
                 raise ProtocolError(self.REPLY_BAD_PLAIN)
-            self.login(checked[1], checked[0])
+            self.login(checked[1], checked[0], "PLAIN")
         else:
             if initial:
                 raise ProtocolError(self.REPLY_CRAM_INITIAL)
@@ -224,7 +224,7 @@ class Pop3Handler(LineHandler):
                 name, _, digest = base64.b64decode(response, validate=True).decode().rpartition(" ")
             except (ValueError, UnicodeDecodeError):
                 raise ProtocolError(self.REPLY_BAD_CRAM) from None
-            self.login(self.auth.check_cram(name, challenge, digest), name)
+            self.login(self.auth.check_cram(name, challenge, digest), name, "CRAM-MD5")
 
     def sasl_exchange(self, challenge: str) -> str:
         """Send a ``+ challenge`` and return the client's answer; ``*`` cancels."""
@@ -233,14 +233,11 @@ class Pop3Handler(LineHandler):
             raise ProtocolError(self.REPLY_AUTH_CANCELLED, bad=False)
         return answer
 
-    def login(self, account, name: str) -> None:
+    def login(self, account, name: str, mechanism: str) -> None:
         """Finish an authentication: lock and snapshot the maildrop, or fail after the delay."""
         self.state, self.user = AUTHORIZATION, ""
-        if account is None:
-            self.log.info("[%s] login failed for %r", self.peer, name[:100])
-            self.auth.fail(self.peer_ip)
+        if not self.login_checked(account, name, mechanism):
             raise ProtocolError(self.REPLY_AUTH_FAILED, bad=False)
-        self.auth.succeeded(self.peer_ip)
         snapshot = self.store.maildrops.open_maildrop(account.id, self.holder, self.lock_ttl)
         if snapshot is None:
             self.log.info("[%s] %s: maildrop in use", self.peer, account.address)

@@ -342,11 +342,8 @@ class SmtpAuth:
             challenge = authmod.new_challenge(self.context.hostname).encode()
             name, _, digest = self.decoded(self.sasl_exchange(base64.b64encode(challenge).decode())).rpartition(" ")
             account = self.auth.check_cram(name, challenge, digest)
-        if account is None:
-            self.log.info("[%s] login failed for %r (%s)", self.peer, name[:100], mechanism)
-            self.auth.fail(self.peer_ip)
+        if not self.login_checked(account, name, mechanism):
             raise ProtocolError(self.REPLY_AUTH_FAILED, bad=self.AUTH_FAILURES_COUNT)
-        self.auth.succeeded(self.peer_ip)
         self.store.directory.record_login(account.id)
         self.account = account
         self.log.info("[%s] %s logged in (%s)", self.peer, account.address, mechanism)

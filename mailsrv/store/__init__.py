@@ -10,7 +10,9 @@
 ``queue``          posting, the workers' local delivery, settlement, bounces' queueing
 ``leases``         claim and settle for work done outside the database: the relay's
                    remote recipients, an ODMR customer's held ones; dead leases
-``queue_admin``    ``mailsrv queue``: list, show, flush, hold, release, delete
+``queue_admin``    ``mailsrv queue``: list, show, flush, hold, release, delete; the
+                   queue's depth, oldest deferred recipient and last errors (status)
+``processes``      the running ``mailsrv serve`` processes, each announcing itself
 =================  ==================================================================
 
 Protocol handlers call these and never SQLAlchemy. The rules that hold for every call:
@@ -61,9 +63,10 @@ from .common import (
 )
 from .directory import Directory, Resolution, Resolver, Route
 from .leases import Leases
-from .maildrop import Maildrops
+from .maildrop import Maildrops, StoredMessage
+from .processes import Processes, ProcessInfo
 from .queue import Action, Claimed, Outcome, Queue
-from .queue_admin import QueueAdmin, QueueEntry, RecipientStatus
+from .queue_admin import Deferred, QueueAdmin, QueueEntry, RecipientStatus, StateDepth
 
 
 class Store:
@@ -76,11 +79,12 @@ class Store:
         self.queue = Queue(db)
         self.leases = Leases(db)
         self.queue_admin = QueueAdmin(db)
+        self.processes = Processes(db)
 
 
 __all__ = [
-    "AccountInfo", "Action", "Claimed", "Directory", "DomainInfo", "Leases", "Maildrops", "MessageInfo",
-    "Outcome", "Queue", "QueueAdmin", "QueueEntry", "RecipientStatus", "Refused", "Resolution", "Resolver",
-    "Route", "State", "Store", "batches_by_size", "header_of", "holder_is_dead", "lock_holder", "new_uid",
+    "AccountInfo", "Action", "Claimed", "Deferred", "Directory", "DomainInfo", "Leases", "Maildrops", "MessageInfo",
+    "Outcome", "ProcessInfo", "Processes", "Queue", "QueueAdmin", "QueueEntry", "RecipientStatus", "Refused", "Resolution", "Resolver",
+    "Route", "State", "StateDepth", "Store", "StoredMessage", "batches_by_size", "header_of", "holder_is_dead", "lock_holder", "new_uid",
     "split_address", "this_host",
 ]

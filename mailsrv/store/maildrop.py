@@ -7,7 +7,8 @@ The lock is a row of ``maildrop_locks``, so it holds across processes and hosts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, delete, insert, select, text, update
@@ -58,16 +59,19 @@ BODIES_BETWEEN_ONE_ROW = text(
 Bodies = dict[int, tuple[bytes | memoryview, str | None]]
 
 
-def insert_message(raw, account_id: int, body: bytes, sender: str) -> int:
+def insert_message(raw, account_id: int, body: bytes, sender: str, received_at: datetime | None = None,
+                   seen: bool = False) -> int:
     """Put a message into a mailbox inside the caller's transaction; return its id. Line
     ends are stored as CRLF and a missing final line end is added, so ``size`` is what
-    RETR sends; the offsets of its "." lines are kept for byte-stuffing."""
+    RETR sends; the offsets of its "." lines are kept for byte-stuffing. ``received_at``
+    and ``seen`` are for mail brought along from elsewhere (``mailsrv mailbox import``)."""
     body = to_crlf(body)
     return raw.execute(
         INSERT_MESSAGE,
         {
             "account_id": account_id, "uid": new_uid(), "sender": sender, "size": len(body), "body": body,
-            "dot_offsets": encode_offsets(dot_line_offsets(body)), "received_at": utcnow(), "seen": False,
+            "dot_offsets": encode_offsets(dot_line_offsets(body)), "received_at": received_at or utcnow(),
+            "seen": seen,
         },
     ).scalar_one()
 
@@ -98,6 +102,16 @@ def _take_lock(raw, account_id: int, holder: str, ttl: float) -> bool:
         raw.execute(DROP_LOCK, {"account": account_id})
     raw.execute(INSERT_LOCK, {"account_id": account_id, "holder": holder, "expires_at": now + timedelta(seconds=ttl)})
     return True
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as a mailbox keeps it, for moving mail in and out."""
+
+    body: bytes
+    sender: str
+    received_at: datetime
+    seen: bool
 
 
 class Maildrops:
@@ -202,6 +216,27 @@ class Maildrops:
         """Put a message into the account's mailbox (see :func:`insert_message`); return its id."""
         with self.db.write_raw() as raw:
             return insert_message(raw, account_id, body, sender)
+
+    def add_messages(self, account_id: int, messages: Sequence[StoredMessage]) -> list[int]:
+        """Put several messages into the account's mailbox in one transaction, in this
+        order, each with its own arrival time and seen flag; return their ids."""
+        with self.db.write_raw() as raw:
+            return [insert_message(raw, account_id, m.body, m.sender, m.received_at, m.seen) for m in messages]
+
+    def messages_in_order(self, account_id: int, batch: int = 100) -> Iterator[StoredMessage]:
+        """Every message of the account in arrival order, read ``batch`` at a time (one
+        short transaction each), so a large mailbox is never all in memory."""
+        ids = [m.id for m in self.snapshot(account_id)]
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            with self.db.read_core() as conn:
+                rows = conn.execute(
+                    select(Message.id, Message.sender, Message.received_at, Message.seen, Message.body).where(
+                        Message.account_id == account_id, Message.id.in_(part)
+                    )
+                ).all()
+            found = {r.id: StoredMessage(bytes(r.body), r.sender, r.received_at, bool(r.seen)) for r in rows}
+            yield from (found[i] for i in part if i in found)  # (one deleted meanwhile is left out)
 
     def mailbox_usage(self, account_id: int) -> tuple[int, int]:
         """(messages, octets) in the account's mailbox."""

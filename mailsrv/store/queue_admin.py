@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from ..db import Database
 from ..models import QueuedMessage, QueueRecipient, State, utcnow
@@ -39,6 +39,32 @@ class QueueEntry:
     def pending(self) -> list[RecipientStatus]:
         """The recipients not done with yet."""
         return [r for r in self.recipients if r.state not in DONE]
+
+
+@dataclass(frozen=True)
+class StateDepth:
+    """How many recipients are in one state, and how long ago the oldest of their
+    messages was queued."""
+
+    state: State
+    count: int
+    oldest: datetime | None
+
+    @property
+    def oldest_seconds(self) -> float:
+        return max(0.0, (utcnow() - self.oldest).total_seconds()) if self.oldest else 0.0
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A recipient waiting after a failed attempt, with why."""
+
+    queue_id: int
+    recipient: str
+    created_at: datetime
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
 
 
 _ENTRY_COLUMNS = (
@@ -74,6 +100,43 @@ class QueueAdmin:
                 select(*_ENTRY_COLUMNS).where(QueuedMessage.id.in_(waiting)).order_by(QueuedMessage.id)
             ).all()
             return [QueueEntry(*row, recipients=_recipients(conn, row[0])) for row in rows]
+
+    def depth(self) -> list[StateDepth]:
+        """Recipients by state (every state that has any), with the age of the oldest."""
+        with self.db.read_core() as conn:
+            rows = conn.execute(
+                select(QueueRecipient.state, func.count(QueueRecipient.id), func.min(QueuedMessage.created_at))
+                .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
+                .group_by(QueueRecipient.state).order_by(QueueRecipient.state)
+            ).all()
+        return [StateDepth(State(state), count, oldest) for state, count, oldest in rows]
+
+    def oldest_deferred(self) -> Deferred | None:
+        """The queued recipient, tried at least once, whose message is the oldest."""
+        with self.db.read_core() as conn:
+            row = conn.execute(
+                select(QueueRecipient.queue_id, QueueRecipient.recipient, QueuedMessage.created_at,
+                       QueueRecipient.attempts, QueueRecipient.last_error, QueueRecipient.next_attempt_at)
+                .join(QueuedMessage, QueuedMessage.id == QueueRecipient.queue_id)
+                .where(QueueRecipient.state == State.QUEUED, QueueRecipient.attempts > 0)
+                .order_by(QueuedMessage.created_at, QueueRecipient.id).limit(1)
+            ).first()
+        return Deferred(*row) if row else None
+
+    def last_errors(self) -> dict[str, tuple[datetime, str]]:
+        """Per destination domain, the error of the newest recipient there (still queued,
+        or failed) that has one: (when it was recorded, the error)."""
+        with self.db.read_core() as conn:
+            newest = (
+                select(QueueRecipient.domain, func.max(QueueRecipient.id).label("id"))
+                .where(QueueRecipient.state.in_((State.QUEUED, State.FAILED)), QueueRecipient.last_error.is_not(None))
+                .group_by(QueueRecipient.domain).subquery()
+            )
+            rows = conn.execute(
+                select(QueueRecipient.domain, QueueRecipient.updated_at, QueueRecipient.last_error)
+                .join(newest, newest.c.id == QueueRecipient.id).order_by(QueueRecipient.domain)
+            ).all()
+        return {domain: (when, error) for domain, when, error in rows}
 
     def show(self, queue_id: int) -> QueueEntry:
         """One queued message with its recipients and what the queue keeps of its text."""
