@@ -174,7 +174,7 @@ def test_the_commands(tmp_path):
     result = mailsrv(conf, "mailbox", "import", ANN, str(source))
     assert result.returncode == 1  # something was left out: said, and the exit tells scripts
     assert result.stdout.splitlines() == ["imported 1 message(s), 19 octets", "not imported: 1",
-                                          f"  {source} line 1: 5 octets before the first From line"]
+                                          f"  {source} line 1: 6 octets before the first From line"]
     result = mailsrv(conf, "mailbox", "export", ANN, "--maildir", str(tmp_path / "Maildir"))
     assert (result.returncode, result.stdout) == (0, f"exported 1 message(s) to {tmp_path / 'Maildir'}\n")
     result = mailsrv(conf, "mailbox", "import", BOB, str(tmp_path / "Maildir"))
