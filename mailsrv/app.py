@@ -41,8 +41,12 @@ from .store import Store, holder_is_dead, lock_holder
 log = logging.getLogger("mailsrv.app")
 
 STOP_GRACE = 5.0
-#: how often a running process writes its row of ``server_processes`` (``mailsrv status``)
+#: how often a running process writes its row of ``server_processes`` (``mailsrv status``);
+#: a session opening or closing brings the next one forward, to at most one a second
 ANNOUNCE_EVERY = 10.0
+ANNOUNCE_GAP = 1.0
+#: the log line format (scripts/fail2ban/filter.d/mailsrv.conf reads it: keep it stable)
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 M_ARENA_MAX = -8  # glibc mallopt parameter
 
 #: every listener: (config section, its key, module, handler class, implicit TLS)
@@ -73,7 +77,7 @@ def tune_malloc() -> None:
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=LOG_FORMAT,
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
@@ -95,6 +99,7 @@ class App:
                 config.server.max_connections, config.server.max_connections_per_ip
             ),
             tls_context=tls,
+            sessions_changed=self._note_sessions_changed,
         )
         self.servers: list[MailServer] = []
         self.metrics_servers: list = []
@@ -105,6 +110,7 @@ class App:
         self._reload = threading.Event()
         self._wake = threading.Event()
         self._announcing = threading.Event()  # set: stop announcing
+        self._sessions_changed = threading.Event()
         self.holder = lock_holder()
         self.started_at = datetime.now(UTC)
 
@@ -223,6 +229,9 @@ class App:
             counts[server.handler_protocol] = counts.get(server.handler_protocol, 0) + len(server.sessions)
         return counts
 
+    def _note_sessions_changed(self) -> None:
+        self._sessions_changed.set()
+
     def announce(self) -> None:
         """Write this process's row of ``server_processes`` (a database that cannot be
         reached now is logged; the next announcement tries again)."""
@@ -232,8 +241,13 @@ class App:
             log.warning("cannot record this process in server_processes: %s", exc)
 
     def _announce_loop(self) -> None:
-        while not self._announcing.wait(ANNOUNCE_EVERY):
+        while not self._announcing.is_set():
+            self._sessions_changed.wait(ANNOUNCE_EVERY)
+            self._sessions_changed.clear()
+            if self._announcing.is_set():
+                return
             self.announce()
+            self._announcing.wait(ANNOUNCE_GAP)
 
     def start_workers(self) -> None:
         self.delivery = DeliveryPool(self.store, self.config)
@@ -260,6 +274,7 @@ class App:
             self.delivery.stop(max(0.1, deadline - time.monotonic()))
         metrics.stop(self.metrics_servers)
         self._announcing.set()
+        self._sessions_changed.set()
         try:
             self.store.processes.withdraw(self.holder)
         except DatabaseUnavailable as exc:

@@ -124,6 +124,7 @@ class ServerContext:
     limiter: ConnectionLimiter
     tls_context: ssl.SSLContext | None = None
     delivery: DeliveryPool | None = None  # the workers, when this process runs them
+    sessions_changed: Callable[[], None] | None = None  # told when a session opens or closes
 
     @property
     def hostname(self) -> str:
@@ -231,6 +232,8 @@ class MailServer(socketserver.ThreadingTCPServer):
     def register(self, handler: LineHandler, active: bool) -> None:
         with self._sessions_lock:
             (self.sessions.add if active else self.sessions.discard)(handler)
+        if self.context.sessions_changed is not None:
+            self.context.sessions_changed()
 
     def close_sessions(self, force: bool = False) -> None:
         """End every open session: each says its REPLY_SHUTDOWN and ends on its own

@@ -185,12 +185,12 @@ def check_tls(config, report: Report) -> None:
         return
     try:
         make_tls_context(config.tls.certfile, config.tls.keyfile)
-    except OSError as exc:
-        report.problem(f"{config.path}: [tls]: cannot read {exc.filename or config.tls.certfile}: {exc.strerror}")
-        return
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # (an OSError too: first)
         report.problem(f"{config.path}: [tls]: {config.tls.certfile} and {config.tls.keyfile} do not load together"
                        f" (not a certificate and its key?): {exc.reason or exc}")
+        return
+    except OSError as exc:
+        report.problem(f"{config.path}: [tls]: cannot read {exc.filename or config.tls.certfile}: {exc.strerror}")
         return
     expires = certificate_expiry(config.tls.certfile)
     if expires is None:
