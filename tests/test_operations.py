@@ -232,13 +232,13 @@ def wait_for_log(served: Served, needle: str) -> str:
     raise AssertionError(f"mailsrv ended without logging {needle!r}:\n" + "".join(served.log))
 
 
-def test_sighup_reloads_the_certificate_for_new_sessions_only(tmp_path):
+def test_sighup_reloads_the_certificate_for_new_sessions_only(tmp_path, db_url):
     old_cert, old_key = make_certificate(tmp_path, "old")
     new_cert, new_key = make_certificate(tmp_path, "new")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     shutil.copy(old_cert, cert)
     shutil.copy(old_key, key)
-    conf = shipped_config_on_ephemeral_ports(tmp_path)
+    conf = shipped_config_on_ephemeral_ports(tmp_path, db_url)
     conf.write_text(conf.read_text().replace("listen_tls =\n", "listen_tls = 127.0.0.1:0\n", 1)
                     .replace("certfile =\nkeyfile =\n", f"certfile = {cert}\nkeyfile = {key}\n"))
     served = Served(conf)
