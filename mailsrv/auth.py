@@ -12,6 +12,12 @@
   stored only for accounts created with ``--cram-md5``.
 - Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only from ``plaintext_networks``
   or over TLS (RFC 2595 section 2.1).
+- After ``[auth] ban_after`` failures from one address with no success between (and none
+  forgotten: see the penalty), the address is banned for ``ban_for``: a row of ``bans``,
+  honoured by every process sharing the database, which refuse its connections on every
+  protocol. Addresses in ``plaintext_networks`` or ``never_ban`` are never banned, so an
+  office cannot lock itself out. :meth:`Authenticator.banned` reads the bans again at
+  most every :data:`BAN_REFRESH` seconds, so ``mailsrv ban del`` takes effect that soon.
 """
 
 from __future__ import annotations
@@ -22,20 +28,28 @@ import ctypes.util
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import bcrypt
 
 from .config import AuthConfig
 from .cpu import allowed_cpus, use_every_cpu
+from .db import DatabaseUnavailable
+from .models import utcnow
 from .store import AccountInfo, Store
 
 PENALTY_CAP = 15.0
 PENALTY_FORGET = 3600.0
+BAN_REFRESH = 5.0
+
+#: failed logins and bans, one line each (scripts/fail2ban/ reads "login failed" lines)
+auth_log = logging.getLogger("mailsrv.auth")
 
 
 def hash_password(password: str, rounds: int) -> str:
@@ -143,6 +157,9 @@ class Authenticator:
         self._dummy_hash = hash_password(secrets.token_urlsafe(16), config.bcrypt_rounds)
         self._penalties: dict[str, _Penalty] = {}
         self._lock = threading.Lock()
+        self._banned: dict[str, datetime] = {}  # address -> until, as last read (and made here)
+        self._bans_read = float("-inf")
+        self._bans_lock = threading.Lock()
         self._checks = ThreadPoolExecutor(
             max_workers=len(allowed_cpus()), thread_name_prefix="password-check", initializer=use_every_cpu
         )
@@ -195,9 +212,11 @@ class Authenticator:
 
     def failure_delay(self, peer: str) -> float:
         """Record a failed login from ``peer`` and return how long to wait before answering."""
+        return self._record_failure(peer)[0]
+
+    def _record_failure(self, peer: str) -> tuple[float, int]:
+        """(the delay before answering, failures from ``peer`` since its last success)."""
         base = self.config.failure_delay
-        if base <= 0:
-            return 0.0
         now = time.monotonic()
         with self._lock:
             penalty = self._penalties.get(peer)
@@ -207,7 +226,9 @@ class Authenticator:
             penalty.last = now
             if len(self._penalties) > 10_000:
                 self._forget_old(now)
-            return min(base * 2 ** (penalty.failures - 1), max(PENALTY_CAP, base))
+            if base <= 0:
+                return 0.0, penalty.failures
+            return min(base * 2 ** (penalty.failures - 1), max(PENALTY_CAP, base)), penalty.failures
 
     def succeeded(self, peer: str) -> None:
         """A successful login from ``peer`` clears its penalty."""
@@ -218,11 +239,53 @@ class Authenticator:
         for peer in [p for p, v in self._penalties.items() if now - v.last > PENALTY_FORGET]:
             del self._penalties[peer]
 
-    def fail(self, peer: str) -> None:
-        """Wait the failure delay for ``peer`` (call before answering a failed login)."""
-        delay = self.failure_delay(peer)
+    def fail(self, peer: str, what: str = "") -> None:
+        """Record a failed login from ``peer`` (``what``: protocol and name, for the ban's
+        reason), ban it when that makes ``ban_after``, and wait the failure delay (call
+        before answering)."""
+        delay, failures = self._record_failure(peer)
+        after = self.config.ban_after
+        if after and failures >= after and not self.never_banned(peer) and not self.banned(peer):
+            self._ban(peer, failures, what)
         if delay:
             time.sleep(delay)
+
+    # --- bans ------------------------------------------------------------------------
+
+    def never_banned(self, peer: str) -> bool:
+        address = _address(peer)
+        return address is not None and any(
+            address in network for network in (*self.config.plaintext_networks, *self.config.never_ban)
+        )
+
+    def banned(self, peer: str) -> bool:
+        """Is ``peer`` banned now? (From the bans as last read from the database, at most
+        :data:`BAN_REFRESH` seconds ago; a database that cannot be read keeps the last.)"""
+        now = time.monotonic()
+        if now - self._bans_read > BAN_REFRESH:
+            with self._bans_lock:
+                if now - self._bans_read > BAN_REFRESH:
+                    try:
+                        current = self.store.bans.addresses()
+                    except DatabaseUnavailable:
+                        current = self._banned
+                    with self._lock:  # a ban lifted (mailsrv ban del) gives the address a fresh start
+                        for lifted in self._banned.keys() - current.keys():
+                            self._penalties.pop(lifted, None)
+                    self._banned = current
+                    self._bans_read = now
+        until = self._banned.get(peer)
+        return until is not None and until > utcnow()
+
+    def _ban(self, peer: str, failures: int, what: str) -> None:
+        until = utcnow() + timedelta(seconds=self.config.ban_for)
+        reason = f"{failures} failed logins in a row, the last {what}".rstrip()
+        self._banned = {**self._banned, peer: until}
+        auth_log.warning("banned: rhost=%s until %s UTC: %s", peer, until.strftime("%Y-%m-%d %H:%M:%S"), reason)
+        try:
+            self.store.bans.ban(peer, until, failures, reason)
+        except DatabaseUnavailable as exc:
+            auth_log.warning("the ban of %s is kept by this process only: %s", peer, exc)
 
     # --- where plaintext may go ------------------------------------------------------
 
@@ -230,10 +293,16 @@ class Authenticator:
         """May a password cross this connection in the clear (RFC 2595 section 2.1)?"""
         if tls_active:
             return True
-        try:
-            address = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.config.plaintext_networks)
+        address = _address(peer)
+        return address is not None and any(address in network for network in self.config.plaintext_networks)
+
+
+def _address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's IP address (an IPv4-mapped IPv6 one as IPv4), None if it is not one."""
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address

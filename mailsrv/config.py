@@ -108,6 +108,9 @@ class AuthConfig:
         ipaddress.ip_network(n) for n in DEFAULT_PLAINTEXT_NETWORKS.split()
     )
     cram_md5: bool = False
+    ban_after: int = 10
+    ban_for: float = 3600.0
+    never_ban: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,9 @@ PARSERS: dict[str, dict[str, Any]] = {
         "failure_delay": parse_duration,
         "plaintext_networks": parse_networks,
         "cram_md5": parse_bool,
+        "ban_after": lambda t: parse_int(t, minimum=0),
+        "ban_for": parse_duration,
+        "never_ban": parse_networks,
     },
     "tls": {"certfile": _text, "keyfile": _text},
     "dkim": {"selector": _text, "key_dir": _text, "domains": lambda t: tuple(t.lower().replace(",", " ").split())},

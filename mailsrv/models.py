@@ -220,3 +220,16 @@ class ServerProcess(Base):
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
     listeners: Mapped[str] = mapped_column(Text)  # JSON: [{"name": "pop3", "address": "0.0.0.0:110"}, ...]
     sessions: Mapped[str] = mapped_column(Text)  # JSON: {"pop3": 3, ...}, sessions open by protocol
+
+
+class Ban(Base):
+    """An address refused on every protocol until ``until``, after ``failures`` failed
+    logins in a row (``[auth] ban_after``); ``mailsrv ban del`` removes the row."""
+
+    __tablename__ = "bans"
+
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    banned_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    until: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)  # e.g. "10 failed logins, the last on pop3 as ann@example.org"

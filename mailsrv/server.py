@@ -25,7 +25,8 @@ may override (the extension points, as socketserver's ``BaseServer`` lists its o
 - ``idle_timeout()``: seconds of client silence before ``REPLY_TIMEOUT`` and hang-up.
 - ``greet()``: called once when the session starts (send the greeting).
 - ``on_close()``: called once when the session ends, however it ends (release locks).
-- ``REPLY_*`` and ``REFUSAL``: the protocol's replies for the situations above;
+- ``REPLY_*``, ``REFUSAL`` and ``BANNED`` (to an address banned after failed logins,
+  ``[auth] ban_after``): the protocol's replies for the situations above;
   ``REPLY_SHUTDOWN`` is said to a session cut off because the server stops (``421`` in
   the SMTP-style protocols, ``-ERR`` in POP3 and POP).
 
@@ -192,6 +193,10 @@ class MailServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         ip = client_address[0]
+        if self.context.auth.banned(ip):
+            log.info("%s [%s] refused: banned after failed logins", self.name, _peer(client_address))
+            self._refuse(request, self.RequestHandlerClass.BANNED)
+            return
         if not self.context.limiter.acquire(ip):
             log.warning("%s [%s] refused: connection limit reached", self.name, _peer(client_address))
             self._refuse(request)
@@ -209,10 +214,10 @@ class MailServer(socketserver.ThreadingTCPServer):
             self.context.limiter.release(ip)
             self._refuse(request)
 
-    def _refuse(self, request) -> None:
+    def _refuse(self, request, line: str | None = None) -> None:
         try:
             if not self.implicit_tls:
-                LineStream(request, timeout=REFUSAL_TIMEOUT, read_buffer=64).send(self.RequestHandlerClass.REFUSAL)
+                LineStream(request, timeout=REFUSAL_TIMEOUT, read_buffer=64).send(line or self.RequestHandlerClass.REFUSAL)
         except OSError:
             pass
         self.shutdown_request(request)
@@ -271,6 +276,7 @@ class LineHandler(socketserver.BaseRequestHandler):
     MAX_BAD_COMMANDS: ClassVar[int] = 10
 
     REFUSAL: ClassVar[str] = "too many connections"
+    BANNED: ClassVar[str] = "too many failed logins from your address, try again later"
     REPLY_UNKNOWN: ClassVar[str] = "unknown command"
     REPLY_WRONG_STATE: ClassVar[str] = "command not allowed now"
     REPLY_TOO_LONG: ClassVar[str] = "line too long"
@@ -436,7 +442,9 @@ class LineHandler(socketserver.BaseRequestHandler):
             auth_log.warning("login failed: protocol=%s mechanism=%s rhost=%s user=%s",
                              self.protocol, mechanism, self.peer_ip, json.dumps(name[:100]))
             metrics.LOGINS.labels(self.protocol, mechanism, "failed").inc()
-            self.auth.fail(self.peer_ip)
+            self.auth.fail(self.peer_ip, f"on {self.protocol} as {json.dumps(name[:100])}")
+            if self.auth.banned(self.peer_ip):
+                self.closing = True  # (this was the failure too many: the session ends after its reply)
             return False
         self.auth.succeeded(self.peer_ip)
         metrics.LOGINS.labels(self.protocol, mechanism, "ok").inc()

@@ -9,6 +9,17 @@ CREATE TABLE aliases (
 	CONSTRAINT uq_aliases_address UNIQUE (address)
 );
 
+CREATE TABLE bans (
+	address VARCHAR(64) NOT NULL,
+	banned_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	until TIMESTAMP WITH TIME ZONE NOT NULL,
+	failures INTEGER NOT NULL,
+	reason TEXT NOT NULL,
+	CONSTRAINT pk_bans PRIMARY KEY (address)
+);
+
+CREATE INDEX ix_bans_until ON bans (until);
+
 CREATE TABLE domains (
 	id SERIAL NOT NULL,
 	name VARCHAR(255) NOT NULL,

@@ -82,7 +82,7 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
                 sql("INSERT INTO messages (account_id, uid, sender, size, body, received_at, seen) VALUES (1, :u, '', :n, :b, CURRENT_TIMESTAMP, :f)"),
                 {"u": uid, "n": len(body), "b": body, "f": False},
             )
-    assert dbmod.upgrade(database) == "0003"  # (the newest)
+    assert dbmod.upgrade(database) == dbmod.HEAD_REVISION  # (the newest)
     store = Store(database)
     ids = [m.id for m in store.maildrops.snapshot(1)]
     for wanted in (ids[:1], ids):  # one message alone, and a batch (on SQLite read as one value)

@@ -136,3 +136,14 @@ def cmd_mailbox(store: Store, config: Config, args) -> int:
     ]
     print(table(("id", "uid", "size", "received", "seen", "sender"), rows))
     return EXIT_OK
+
+
+def cmd_ban(store: Store, config: Config, args) -> int:
+    if args.action == "del":
+        if not store.bans.lift(args.address):
+            raise Refused(f"{args.address} is not banned")
+        print(f"lifted the ban of {args.address} (the servers see it within a few seconds)")
+        return EXIT_OK
+    rows = [(b.address, when(b.banned_at), when(b.until), b.failures, b.reason) for b in store.bans.active()]
+    print(table(("address", "since", "until", "failures", "why"), rows))
+    return EXIT_OK

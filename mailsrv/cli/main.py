@@ -18,7 +18,16 @@ from .. import __version__
 from .. import db as dbmod
 from ..config import Config, ConfigError, load_config
 from ..store import Refused, Store
-from .accounts import EXIT_OK, UsageError, cmd_alias, cmd_domain, cmd_mailbox, cmd_odmr, cmd_user
+from .accounts import (
+    EXIT_OK,
+    UsageError,
+    cmd_alias,
+    cmd_ban,
+    cmd_domain,
+    cmd_mailbox,
+    cmd_odmr,
+    cmd_user,
+)
 from .operations import cmd_check, cmd_status
 from .queue import cmd_queue
 
@@ -71,6 +80,7 @@ STORE_COMMANDS = {
     "odmr": cmd_odmr,
     "mailbox": cmd_mailbox,
     "queue": cmd_queue,
+    "ban": cmd_ban,
 }
 
 
@@ -144,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dkim", help="DKIM keys of the domains whose outbound mail is signed")
     ksub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ksub.add_parser("keygen", help="make the domain's key; print the DNS record to publish").add_argument("domain")
+
+    p = sub.add_parser("ban", help="addresses refused after too many failed logins ([auth] ban_after)")
+    bsub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    bsub.add_parser("list")
+    bsub.add_parser("del", help="lift a ban").add_argument("address")
 
     sub.add_parser("check", help="validate the configuration, database, TLS files, ports, domains; change nothing")
     p = sub.add_parser("status", help="processes running, sessions, the queue by state, oldest deferred, errors")

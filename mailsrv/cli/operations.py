@@ -19,8 +19,8 @@ problem, 1 when there is any. It looks at:
 ``status`` prints what runs and what waits: each ``mailsrv serve`` process (from the row
 it writes every few seconds: listeners, sessions open by protocol), the queue by state
 with the age of its oldest, the oldest deferred recipient with its reason, the ODMR
-domains with mail waiting, and the last delivery error per destination; ``--json`` gives
-the same for scripts.
+domains with mail waiting, the last delivery error per destination, and the addresses
+banned after failed logins; ``--json`` gives the same for scripts.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def gather_status(store: Store) -> dict:
         },
         "odmr_waiting": odmr,
         "last_errors": errors,
+        "bans": [{"address": b.address, "until": b.until.isoformat(), "failures": b.failures, "reason": b.reason}
+                 for b in store.bans.active()],
     }
 
 
@@ -134,6 +136,9 @@ def print_status(status: dict) -> None:
     print("\nlast delivery error per destination")
     rows = [(domain, _time(e["at"]), e["error"][:100]) for domain, e in status["last_errors"].items()]
     print(table(("destination", "when", "error"), rows))
+    print("\naddresses banned after failed logins (mailsrv ban del ADDRESS lifts one)")
+    rows = [(b["address"], _time(b["until"]), b["reason"]) for b in status["bans"]]
+    print(table(("address", "until", "why"), rows))
 
 
 def cmd_status(config, args) -> int:

@@ -66,6 +66,7 @@ class MppHandler(LineHandler):
     READ_BUFFER = 8192  # the message text is read through it (peek), a chunk at a time
 
     REFUSAL = "451 Local error encountered: too many connections, try again later."
+    BANNED = "451 Local error encountered: too many failed logins from your address, try again later."
     REPLY_UNKNOWN = "500 Command unrecognized."
     REPLY_WRONG_STATE = "503 Illegal command sequence."
     REPLY_TOO_LONG = "500 Command unrecognized: line too long."

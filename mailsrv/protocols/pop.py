@@ -45,6 +45,7 @@ class PopHandler(LineHandler):
     MAX_BAD_COMMANDS = 20
 
     REFUSAL = "-ERR too many connections, try again later"
+    BANNED = "-ERR too many failed logins from your address, try again later"
     REPLY_UNKNOWN = "-ERR unknown command"
     REPLY_WRONG_STATE = "-ERR command out of order"
     REPLY_TOO_LONG = "-ERR line too long"

@@ -64,6 +64,7 @@ class Pop3Handler(LineHandler):
     MAX_BAD_COMMANDS = 20
 
     REFUSAL = "-ERR [SYS/TEMP] too many connections, try again later"
+    BANNED = "-ERR [AUTH] too many failed logins from your address, try again later"
     REPLY_UNKNOWN = "-ERR unknown command"
     REPLY_WRONG_STATE = "-ERR command not valid in this state"
     REPLY_TOO_LONG = "-ERR line too long"

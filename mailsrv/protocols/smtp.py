@@ -61,6 +61,7 @@ class SmtpReplies:
     """The replies every SMTP-style protocol here shares (SMTP, submission, ODMR)."""
 
     REFUSAL = "421 4.7.0 Error: too many connections, try again later"
+    BANNED = "554 5.7.1 too many failed logins from your address, try again later"
     REPLY_WRONG_STATE = "503 5.5.1 Error: bad sequence of commands"
     REPLY_TOO_LONG = "500 5.5.2 Error: line too long"
     REPLY_BAD_CHARS = "500 5.5.2 Error: invalid characters in command"

@@ -13,6 +13,7 @@
 ``queue_admin``    ``mailsrv queue``: list, show, flush, hold, release, delete; the
                    queue's depth, oldest deferred recipient and last errors (status)
 ``processes``      the running ``mailsrv serve`` processes, each announcing itself
+``bans``           addresses refused after too many failed logins (``mailsrv ban``)
 =================  ==================================================================
 
 Protocol handlers call these and never SQLAlchemy. The rules that hold for every call:
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 from ..db import Database
 from ..models import State
+from .bans import BanInfo, Bans
 from .common import (
     AccountInfo,
     DomainInfo,
@@ -80,10 +82,11 @@ class Store:
         self.leases = Leases(db)
         self.queue_admin = QueueAdmin(db)
         self.processes = Processes(db)
+        self.bans = Bans(db)
 
 
 __all__ = [
-    "AccountInfo", "Action", "Claimed", "Deferred", "Directory", "DomainInfo", "Leases", "Maildrops", "MessageInfo",
+    "AccountInfo", "Action", "BanInfo", "Bans", "Claimed", "Deferred", "Directory", "DomainInfo", "Leases", "Maildrops", "MessageInfo",
     "Outcome", "ProcessInfo", "Processes", "Queue", "QueueAdmin", "QueueEntry", "RecipientStatus", "Refused", "Resolution", "Resolver",
     "Route", "State", "StateDepth", "Store", "StoredMessage", "batches_by_size", "header_of", "holder_is_dead", "lock_holder", "new_uid",
     "split_address", "this_host",
