@@ -23,7 +23,7 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "aiosmtpd>=1.4"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "aiosmtpd>=1.4", "hypothesis>=6"],
         "lint": ["ruff>=0.4"],
     },
     entry_points={"console_scripts": ["mailsrv = mailsrv.cli:main"]},
