@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from .. import __version__
@@ -49,6 +50,8 @@ def cmd_db(config: Config | None, args) -> int:
         dialect = args.dialect or dbmod.Database(config.server.database).dialect
         sys.stdout.write(dbmod.schema_ddl(dialect))
         return EXIT_OK
+    if args.action == "copy":
+        return cmd_db_copy(config, args)
     database = dbmod.Database(config.server.database)
     before = dbmod.current_revision(database)
     after = dbmod.upgrade(database)
@@ -56,6 +59,25 @@ def cmd_db(config: Config | None, args) -> int:
         print(f"database already at revision {after}")
     else:
         print(f"database at revision {after} (was {before or 'empty'})")
+    return EXIT_OK
+
+
+def cmd_db_copy(config: Config, args) -> int:
+    from ..dbcopy import copy_database
+
+    if args.to == config.server.database:
+        raise Refused("--to names this configuration's own database")
+    source, target = dbmod.Database(config.server.database), dbmod.Database(args.to)
+    try:
+        if dbmod.current_revision(source) != dbmod.HEAD_REVISION:
+            raise Refused("the source database is not at this mailsrv's schema: run mailsrv db upgrade first")
+        copied = copy_database(source, target)
+    finally:
+        source.dispose()
+        target.dispose()
+    for table, rows in copied.items():
+        print(f"{table}: {rows} row(s)")
+    print(f"copied into {make_url(args.to).render_as_string()}; point [server] database at it to use it")
     return EXIT_OK
 
 
@@ -106,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub.add_parser("upgrade", help="migrate the schema to this version (idempotent)")
     s = dbsub.add_parser("schema", help="print the DDL")
     s.add_argument("--dialect", choices=("sqlite", "postgresql"))
+    s = dbsub.add_parser("copy", help="copy every table, ids kept, into another (empty) database")
+    s.add_argument("--to", required=True, metavar="URL", help="the target, e.g. postgresql+psycopg://mailsrv@dbhost/mailsrv")
 
     p = sub.add_parser("domain", help="mail domains")
     dsub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
