@@ -59,6 +59,16 @@ class Served:
                 return
         raise AssertionError("mailsrv serve ended early:\n" + "".join(self.log))
 
+    def drain(self) -> None:
+        """Keep reading the log from now on (a busy server fills the pipe otherwise, and
+        then waits on it); ``stop`` still returns with all of it in ``log``."""
+        def read() -> None:
+            for line in self.proc.stderr:
+                self.log.append(line)
+
+        self.drainer = threading.Thread(target=read, daemon=True)
+        self.drainer.start()
+
     def stop(self, signum: int) -> int:
         self.proc.send_signal(signum)
         try:
@@ -66,7 +76,10 @@ class Served:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-        self.log.extend(self.proc.stderr.read().splitlines(keepends=True))
+        if getattr(self, "drainer", None) is not None:
+            self.drainer.join(5)
+        else:
+            self.log.extend(self.proc.stderr.read().splitlines(keepends=True))
         return status
 
 
