@@ -39,7 +39,7 @@ def db_url(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'mailsrv.db'}"
         return
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # (survives cut-off backends)
     with admin.connect() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
     sep = "&" if "?" in POSTGRES_URL else "?"
