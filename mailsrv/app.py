@@ -128,6 +128,7 @@ class App:
         for process in self.store.processes.all():
             if holder_is_dead(process.holder):
                 self.store.processes.withdraw(process.holder)
+        self.auth.refresh_bans()
 
     def bind(self) -> None:
         for section, key, module_name, class_name, implicit_tls in LISTENERS:

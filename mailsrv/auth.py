@@ -259,23 +259,28 @@ class Authenticator:
         )
 
     def banned(self, peer: str) -> bool:
-        """Is ``peer`` banned now? (From the bans as last read from the database, at most
-        :data:`BAN_REFRESH` seconds ago; a database that cannot be read keeps the last.)"""
-        now = time.monotonic()
-        if now - self._bans_read > BAN_REFRESH:
-            with self._bans_lock:
-                if now - self._bans_read > BAN_REFRESH:
-                    try:
-                        current = self.store.bans.addresses()
-                    except DatabaseUnavailable:
-                        current = self._banned
-                    with self._lock:  # a ban lifted (mailsrv ban del) gives the address a fresh start
-                        for lifted in self._banned.keys() - current.keys():
-                            self._penalties.pop(lifted, None)
-                    self._banned = current
-                    self._bans_read = now
+        """Is ``peer`` banned now? From the bans as last read from the database: when that
+        was more than :data:`BAN_REFRESH` seconds ago, a thread reads them again, so no
+        connection waits on the database (one that cannot be read keeps the last list)."""
+        if time.monotonic() - self._bans_read > BAN_REFRESH and self._bans_lock.acquire(blocking=False):
+            threading.Thread(target=self.refresh_bans, args=(True,), name="bans", daemon=True).start()
         until = self._banned.get(peer)
         return until is not None and until > utcnow()
+
+    def refresh_bans(self, locked: bool = False) -> None:
+        """Read the bans from the database (at start, and from :meth:`banned`)."""
+        try:
+            current = self.store.bans.addresses()
+            with self._lock:  # a ban lifted (mailsrv ban del) gives the address a fresh start
+                for lifted in self._banned.keys() - current.keys():
+                    self._penalties.pop(lifted, None)
+            self._banned = current
+        except DatabaseUnavailable:
+            pass
+        finally:
+            self._bans_read = time.monotonic()
+            if locked:
+                self._bans_lock.release()
 
     def _ban(self, peer: str, failures: int, what: str) -> None:
         until = utcnow() + timedelta(seconds=self.config.ban_for)

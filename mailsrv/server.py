@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from . import metrics
-from .auth import Authenticator
+from .auth import Authenticator, auth_log
 from .config import Config
 from .db import DatabaseUnavailable
 from .store import Store
@@ -68,9 +68,6 @@ THREAD_STACK_SIZE = 512 * 1024
 REFUSAL_TIMEOUT = 1.0
 
 log = logging.getLogger("mailsrv.server")
-#: failed logins, one line each in one format on every protocol, for fail2ban
-#: (scripts/fail2ban/filter.d/mailsrv.conf reads them)
-auth_log = logging.getLogger("mailsrv.auth")
 
 
 class ProtocolError(Exception):
@@ -138,9 +135,8 @@ class ServerContext:
         the workers of another process."""
         if self.delivery is not None:
             queue_id = self.delivery.post(sender, body, recipients, origin, account_id)
-            metrics.ACCEPTED.labels(origin).inc()
-            return queue_id
-        queue_id = self.store.queue.enqueue(sender, body, recipients, origin, account_id)
+        else:
+            queue_id = self.store.queue.enqueue(sender, body, recipients, origin, account_id)
         metrics.ACCEPTED.labels(origin).inc()
         return queue_id
 
