@@ -4,9 +4,10 @@
 every enabled listener (logging each bound address: port 0 binds an ephemeral port), drops
 privileges to ``[server] user`` when started as root, starts the delivery workers and
 serves until SIGTERM or SIGINT. SIGHUP reloads (:meth:`App.reload`): the TLS certificate
-and key are read again, for sessions that start from then on, and the log level. Stopping closes the listeners at once, then tells every
-session (each says its REPLY_SHUTDOWN and ends), waits up to 5 s for them, cuts off any
-left, stops the workers and exits 0.
+and key are read again, for sessions that start from then on, and the log level.
+Stopping closes the listeners at once, then tells every session (each says its
+REPLY_SHUTDOWN and ends), waits up to 5 s for them, cuts off any left, stops the workers
+and exits 0.
 
 Tests and scripts use the same class: ``App(config).start()`` then ``app.address("pop3")``.
 """

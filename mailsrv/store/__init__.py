@@ -86,8 +86,9 @@ class Store:
 
 
 __all__ = [
-    "AccountInfo", "Action", "BanInfo", "Bans", "Claimed", "Deferred", "Directory", "DomainInfo", "Leases", "Maildrops", "MessageInfo",
-    "Outcome", "ProcessInfo", "Processes", "Queue", "QueueAdmin", "QueueEntry", "RecipientStatus", "Refused", "Resolution", "Resolver",
-    "Route", "State", "StateDepth", "Store", "StoredMessage", "batches_by_size", "header_of", "holder_is_dead", "lock_holder", "new_uid",
-    "split_address", "this_host",
+    "AccountInfo", "Action", "BanInfo", "Bans", "Claimed", "Deferred", "Directory",
+    "DomainInfo", "Leases", "Maildrops", "MessageInfo", "Outcome", "ProcessInfo", "Processes",
+    "Queue", "QueueAdmin", "QueueEntry", "RecipientStatus", "Refused", "Resolution", "Resolver",
+    "Route", "State", "StateDepth", "Store", "StoredMessage", "batches_by_size", "header_of",
+    "holder_is_dead", "lock_holder", "new_uid", "split_address", "this_host",
 ]
