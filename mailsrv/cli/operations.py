@@ -113,7 +113,7 @@ def print_status(status: dict) -> None:
             (p["holder"], _time(p["started_at"]),
              "running" if p["running"] else f"silent since {_time(p['seen_at'])}",
              ", ".join(f"{item['name']} {item['address']}" for item in p["listeners"]),
-             ", ".join(f"{name} {count}" for name, count in sorted(p["sessions"].items())) or "-")
+             ", ".join(f"{name} {count}" for name, count in sorted(p["sessions"].items()) if count) or "none")
             for p in status["processes"]
         ]
         print(table(("process", "started", "state", "listening", "sessions open"), rows))
