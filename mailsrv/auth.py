@@ -159,7 +159,8 @@ class Authenticator:
         self._lock = threading.Lock()
         self._banned: dict[str, datetime] = {}  # address -> until, as last read (and made here)
         self._bans_read = float("-inf")
-        self._bans_lock = threading.Lock()
+        self._bans_lock = threading.Lock()  # held while a thread reads the bans again
+        self._bans_made = 0  # bans this process made (a read that overlaps one is not taken)
         self._checks = ThreadPoolExecutor(
             max_workers=len(allowed_cpus()), thread_name_prefix="password-check", initializer=use_every_cpu
         )
@@ -270,11 +271,14 @@ class Authenticator:
     def refresh_bans(self, locked: bool = False) -> None:
         """Read the bans from the database (at start, and from :meth:`banned`)."""
         try:
+            with self._lock:
+                made = self._bans_made
             current = self.store.bans.addresses()
-            with self._lock:  # a ban lifted (mailsrv ban del) gives the address a fresh start
-                for lifted in self._banned.keys() - current.keys():
-                    self._penalties.pop(lifted, None)
-            self._banned = current
+            with self._lock:
+                if self._bans_made == made:  # (else a ban made meanwhile may be missing: keep ours this time)
+                    for lifted in self._banned.keys() - current.keys():  # mailsrv ban del: a fresh start
+                        self._penalties.pop(lifted, None)
+                    self._banned = current
         except DatabaseUnavailable:
             pass
         finally:
@@ -285,12 +289,16 @@ class Authenticator:
     def _ban(self, peer: str, failures: int, what: str) -> None:
         until = utcnow() + timedelta(seconds=self.config.ban_for)
         reason = f"{failures} failed logins in a row, the last {what}".rstrip()
-        self._banned = {**self._banned, peer: until}
+        with self._lock:
+            self._banned = {**self._banned, peer: until}
+            self._bans_made += 1
         auth_log.warning("banned: rhost=%s until %s UTC: %s", peer, until.strftime("%Y-%m-%d %H:%M:%S"), reason)
         try:
             self.store.bans.ban(peer, until, failures, reason)
         except DatabaseUnavailable as exc:
             auth_log.warning("the ban of %s is kept by this process only: %s", peer, exc)
+        with self._lock:
+            self._bans_made += 1  # (again: a read begun before the row was written does not count)
 
     # --- where plaintext may go ------------------------------------------------------
 
