@@ -142,7 +142,7 @@ class App:
             for address in addresses:
                 self._bind_one(address, handler, implicit_tls=implicit_tls)
         if self.config.metrics.listen:
-            self.metrics_servers = metrics.start(self.config.metrics.listen, self.servers, self.store)
+            self.metrics_servers = metrics.start(self.config.metrics.listen, self.open_sessions, self.store)
 
     def _bind_one(self, address, handler, *, implicit_tls: bool) -> None:
         try:

@@ -30,8 +30,7 @@ Every name, with its labels:
 from __future__ import annotations
 
 import logging
-from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -54,21 +53,37 @@ COUNTERS = (SESSIONS, LOGINS, ACCEPTED, RECIPIENTS, RELAY_ATTEMPTS, ODMR_TURNS, 
 WAITING = ("queued", "held", "inflight")
 
 
-class LiveState:
-    """A collector of what is true now: the open sessions of this process's servers, and
-    the queue as the database has it (left out of a scrape when the database cannot be
-    read, which the error counter then shows)."""
+def count_settled(applied, destination: str) -> None:
+    """Count settled recipients (``mailsrv_recipients_total``) by the kind of work that
+    settled them (``local``, ``remote``, ``odmr``); a forward counts as ``alias``, and a
+    recipient held again with a reason (an ODMR customer's 4xx) as deferred; a recipient
+    given back untried counts not at all."""
+    from .store import Action  # (here: the store imports the database, which imports this module)
 
-    def __init__(self, servers: Iterable, store):
-        self.servers = servers
+    for outcome in applied:
+        action = outcome.action
+        if action == Action.FORWARD:
+            RECIPIENTS.labels("alias", "delivered").inc()
+        elif action in (Action.DELIVER, Action.SENT):
+            RECIPIENTS.labels(destination, "delivered").inc()
+        elif action == Action.RETRY or (action == Action.HOLD and outcome.error):
+            RECIPIENTS.labels(destination, "deferred").inc()
+        elif action == Action.FAIL:
+            RECIPIENTS.labels(destination, "bounced").inc()
+
+
+class LiveState:
+    """A collector of what is true now: the open sessions of this process (``open_sessions``
+    gives them by protocol), and the queue as the database has it (left out of a scrape
+    when the database cannot be read, which the error counter then shows)."""
+
+    def __init__(self, open_sessions: Callable[[], dict[str, int]], store):
+        self.open_sessions = open_sessions
         self.store = store
 
     def collect(self):
         sessions = GaugeMetricFamily("mailsrv_sessions_open", "Sessions open now", labels=["protocol"])
-        open_now = Tally()
-        for server in self.servers:
-            open_now[server.handler_protocol] += len(server.sessions)
-        for protocol, count in sorted(open_now.items()):
+        for protocol, count in sorted(self.open_sessions().items()):
             sessions.add_metric([protocol], count)
         yield sessions
         from .db import DatabaseUnavailable
@@ -88,13 +103,13 @@ class LiveState:
         yield oldest
 
 
-def start(addresses, servers: Iterable, store) -> list:
+def start(addresses, open_sessions: Callable[[], dict[str, int]], store) -> list:
     """Serve the metrics on each (host, port); return the HTTP servers (for
     :func:`stop`; each one's ``server_address`` is the bound address)."""
     registry = CollectorRegistry(auto_describe=True)
     for counter in COUNTERS:
         registry.register(counter)
-    registry.register(LiveState(servers, store))
+    registry.register(LiveState(open_sessions, store))
     started = []
     for host, port in addresses:
         try:

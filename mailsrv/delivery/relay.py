@@ -142,17 +142,8 @@ class Destinations:
         return found
 
 
-TRIED = {Action.SENT: ("delivered", "sent"), Action.RETRY: ("deferred", "deferred"), Action.FAIL: ("bounced", "failed")}
-
-
-def count_tried(applied: list[Outcome]) -> None:
-    """Count what the relay settled: ``mailsrv_recipients_total{destination="remote"}``
-    and ``mailsrv_relay_attempts_total`` (a recipient given back untried counts in neither)."""
-    for outcome in applied:
-        if outcome.action in TRIED:
-            settled, tried = TRIED[outcome.action]
-            metrics.RECIPIENTS.labels("remote", settled).inc()
-            metrics.RELAY_ATTEMPTS.labels(tried).inc()
+#: what a relay attempt came to, for ``mailsrv_relay_attempts_total``
+ATTEMPTS = {Action.SENT: "sent", Action.RETRY: "deferred", Action.FAIL: "failed"}
 
 
 class Relay:
@@ -184,8 +175,10 @@ class Relay:
         for key, items in groups.items():
             outcomes += self.deliver(key, items)
         applied = self.store.leases.settle(self.owner, outcomes, _no_copy, self.bounce)
-        count_tried(applied)
+        metrics.count_settled(applied, "remote")
         for outcome in applied:
+            if outcome.action in ATTEMPTS:  # (a recipient given back untried was not an attempt)
+                metrics.RELAY_ATTEMPTS.labels(ATTEMPTS[outcome.action]).inc()
             c = outcome.claimed
             log.info("queue %d: <%s> %s%s", c.queue_id, c.recipient, outcome.action,
                      f" ({outcome.error})" if outcome.error else "")

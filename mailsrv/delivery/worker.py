@@ -63,22 +63,6 @@ UNCOLLECTED_EVERY = 60.0
 MAX_ALIAS_HOPS = 10
 
 
-def count_settled(applied: list[Outcome], destination: str) -> None:
-    """Count settled recipients (``mailsrv_recipients_total``) by the kind of work that
-    settled them (``local``, ``remote``, ``odmr``); a forward counts as ``alias``, and a
-    recipient held again with a reason (an ODMR customer's 4xx) as deferred."""
-    for outcome in applied:
-        action = outcome.action
-        if action == Action.FORWARD:
-            metrics.RECIPIENTS.labels("alias", "delivered").inc()
-        elif action in (Action.DELIVER, Action.SENT):
-            metrics.RECIPIENTS.labels(destination, "delivered").inc()
-        elif action == Action.RETRY or (action == Action.HOLD and outcome.error):
-            metrics.RECIPIENTS.labels(destination, "deferred").inc()
-        elif action == Action.FAIL:
-            metrics.RECIPIENTS.labels(destination, "bounced").inc()
-
-
 class Worker:
     """One worker: ``run_once()`` handles one batch; ``loop()`` runs until stopped."""
 
@@ -102,11 +86,11 @@ class Worker:
         if not handled and not expired:
             self.expired_checked = now
             handled, applied = self.store.queue.deliver_due(BATCH, self.decide_all, self.local_copy, self.bounce, True)
-        count_settled(applied, "local")
+        metrics.count_settled(applied, "local")
         if now - self.uncollected_checked > UNCOLLECTED_EVERY:
             self.uncollected_checked = now
             uncollected = self.fail_uncollected()
-            count_settled(uncollected, "odmr")
+            metrics.count_settled(uncollected, "odmr")
             applied += uncollected
         for outcome in applied:
             c = outcome.claimed

@@ -38,7 +38,7 @@ from typing import ClassVar
 from .. import metrics
 from ..db import DatabaseUnavailable
 from ..delivery.relay import enhanced_status, reply_line
-from ..delivery.worker import Worker, count_settled
+from ..delivery.worker import Worker
 from ..message import dot_stuff_parts
 from ..server import LineHandler, ProtocolError
 from ..store import Action, Claimed, Outcome, lock_holder
@@ -311,7 +311,7 @@ class Turn:
         if not outcomes:
             return []
         applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce, bodies)
-        count_settled(applied, "odmr")
+        metrics.count_settled(applied, "odmr")
         for outcome in applied:
             self.log.info("queue %d: <%s> %s%s", outcome.claimed.queue_id, outcome.claimed.recipient, outcome.action,
                           f" ({outcome.error})" if outcome.error else "")
