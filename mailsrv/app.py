@@ -36,7 +36,7 @@ from .db import DatabaseUnavailable
 from .delivery.bounce import build_bounce
 from .delivery.worker import DeliveryPool
 from .message import posting_recipients, split_header
-from .server import ConnectionLimiter, MailServer, ServerContext, make_tls_context
+from .server import ConnectionLimiter, MailServer, ServerContext, make_tls_context, show_address
 from .store import Store, holder_is_dead, lock_holder
 
 log = logging.getLogger("mailsrv.app")
@@ -75,11 +75,13 @@ def tune_malloc() -> None:
         pass
 
 
+def log_level(name: str) -> int:
+    """The logging level a ``[server] log_level`` names."""
+    return getattr(logging, name.upper(), logging.INFO)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=LOG_FORMAT,
-    )
+    logging.basicConfig(level=log_level(level), format=LOG_FORMAT)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
@@ -221,8 +223,7 @@ class App:
         """Every bound address: [{"name": "pop3", "address": "0.0.0.0:110"}, ...]."""
         bound = [(server.name, server.address) for server in self.servers]
         bound += [("metrics", httpd.server_address[:2]) for httpd in self.metrics_servers]
-        return [{"name": name, "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
-                for name, (host, port) in bound]
+        return [{"name": name, "address": show_address(address)} for name, address in bound]
 
     def open_sessions(self) -> dict[str, int]:
         """Sessions open now, by protocol."""
@@ -295,7 +296,7 @@ class App:
         except ConfigError as exc:
             log.error("reload: %s; nothing changed", exc)
             return
-        logging.getLogger().setLevel(getattr(logging, config.server.log_level.upper(), logging.INFO))
+        logging.getLogger().setLevel(log_level(config.server.log_level))
         if config.tls.enabled != (self.context.tls_context is not None):
             log.error("reload: TLS turned %s in the configuration: that takes a restart",
                       "on" if config.tls.enabled else "off")

@@ -200,9 +200,7 @@ def sources(path: Path) -> Iterator[Found]:
 def import_mailbox(store: Store, address: str, path: Path) -> Report:
     """Bring the messages at ``path`` (Maildir or mbox) into the mailbox of ``address``,
     in order; return what was imported and what was not."""
-    account = store.directory.find_account(address)
-    if account is None:
-        raise Refused(f"no such user: {address.strip().lower()}")
+    account = _account(store, address)
     report = Report()
     _, used = store.maildrops.mailbox_usage(account.id)
     batch: list[StoredMessage] = []

@@ -190,11 +190,11 @@ class MailServer(socketserver.ThreadingTCPServer):
     def process_request(self, request, client_address):
         ip = client_address[0]
         if self.context.auth.banned(ip):
-            log.info("%s [%s] refused: banned after failed logins", self.name, _peer(client_address))
+            log.info("%s [%s] refused: banned after failed logins", self.name, show_address(client_address))
             self._refuse(request, self.RequestHandlerClass.BANNED)
             return
         if not self.context.limiter.acquire(ip):
-            log.warning("%s [%s] refused: connection limit reached", self.name, _peer(client_address))
+            log.warning("%s [%s] refused: connection limit reached", self.name, show_address(client_address))
             self._refuse(request)
             return
         thread = threading.Thread(
@@ -228,7 +228,7 @@ class MailServer(socketserver.ThreadingTCPServer):
                 self._sessions_done.notify_all()
 
     def handle_error(self, request, client_address):
-        log.exception("%s [%s] session failed", self.name, _peer(client_address))
+        log.exception("%s [%s] session failed", self.name, show_address(client_address))
 
     def register(self, handler: LineHandler, active: bool) -> None:
         with self._sessions_lock:
@@ -255,7 +255,8 @@ class MailServer(socketserver.ThreadingTCPServer):
         return True
 
 
-def _peer(address) -> str:
+def show_address(address) -> str:
+    """``host:port``, with an IPv6 host in brackets (logs, ``server_processes``, ``check``)."""
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -308,7 +309,7 @@ class LineHandler(socketserver.BaseRequestHandler):
         self.store: Store = self.context.store
         self.auth: Authenticator = self.context.auth
         self.peer_ip: str = self.client_address[0]
-        self.peer: str = _peer(self.client_address)
+        self.peer: str = show_address(self.client_address)
         self.state: str = self.INITIAL_STATE
         self.bad_commands = 0
         self.closing = False

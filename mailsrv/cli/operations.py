@@ -222,6 +222,8 @@ def listen_addresses(config) -> list[tuple[str, str, str, int]]:
 
 
 def check_listeners(config, store: Store | None, report: Report) -> None:
+    from ..server import show_address
+
     ours = set()  # addresses a running mailsrv on this host announced
     if store is not None:
         from ..app import ANNOUNCE_EVERY
@@ -233,7 +235,7 @@ def check_listeners(config, store: Store | None, report: Report) -> None:
         except dbmod.DatabaseUnavailable:
             pass
     for section, key, host, port in listen_addresses(config):
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        shown = show_address((host, port))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as mailsrv binds)
@@ -270,6 +272,24 @@ def check_domains(store: Store, report: Report) -> None:
         report.ok(f"{len(domains)} domain(s), each with an account, an alias or an ODMR grant")
 
 
+def check_database(database: dbmod.Database, report: Report) -> Store | None:
+    """Does the database answer, at this mailsrv's schema? Its store when it does."""
+    try:
+        revision = dbmod.current_revision(database)
+    except dbmod.DatabaseUnavailable as exc:
+        report.problem(f"database {database.engine.url.render_as_string()}: cannot be reached: {exc}")
+        return None
+    if revision is None:
+        report.problem("the database has no schema yet: mailsrv db upgrade (or the first mailsrv serve) creates it")
+    elif revision != dbmod.HEAD_REVISION:
+        report.problem(f"the database schema is at revision {revision}, this mailsrv needs"
+                       f" {dbmod.HEAD_REVISION}: run mailsrv db upgrade")
+    else:
+        report.ok(f"database answers, schema at revision {revision}")
+        return Store(database)
+    return None
+
+
 def cmd_check(config_path: str | None) -> int:
     report = Report()
     problems: list[str] = []
@@ -282,35 +302,21 @@ def cmd_check(config_path: str | None) -> int:
         report.problem(text)
     if not problems:
         report.ok(f"configuration {config.path} reads")
-    store = None
+    database = store = None
     path = dbmod.sqlite_path(config.server.database)
     if path and not os.path.exists(path):  # (opening it would create it: check changes nothing)
         report.problem(f"no database at {path} yet: mailsrv db upgrade (or the first mailsrv serve) creates it")
-        check_tls(config, report)
-        check_listeners(config, None, report)
-        print(f"{report.problems} problem(s)")
-        return EXIT_PROBLEMS
-    database = dbmod.Database(config.server.database)
+    else:
+        database = dbmod.Database(config.server.database)
     try:
-        try:
-            revision = dbmod.current_revision(database)
-        except dbmod.DatabaseUnavailable as exc:
-            report.problem(f"database {database.engine.url.render_as_string()}: cannot be reached: {exc}")
-        else:
-            if revision is None:
-                report.problem("the database has no schema yet: mailsrv db upgrade (or the first mailsrv serve)"
-                               " creates it")
-            elif revision != dbmod.HEAD_REVISION:
-                report.problem(f"the database schema is at revision {revision}, this mailsrv needs"
-                               f" {dbmod.HEAD_REVISION}: run mailsrv db upgrade")
-            else:
-                report.ok(f"database answers, schema at revision {revision}")
-                store = Store(database)
+        if database is not None:
+            store = check_database(database, report)
         check_tls(config, report)
         check_listeners(config, store, report)
         if store is not None:
             check_domains(store, report)
     finally:
-        database.dispose()
+        if database is not None:
+            database.dispose()
     print(f"{report.problems} problem(s)" if report.problems else "no problems")
     return EXIT_PROBLEMS if report.problems else EXIT_OK
