@@ -17,8 +17,9 @@ from mailsrv.db import Database
 from mailsrv.protocols.pop3 import Pop3Handler
 from mailsrv.store import Store
 
-from .conftest import PASSWORD, LineClient
+from .conftest import PASSWORD
 from .test_app import Served, mailsrv, shipped_config_on_ephemeral_ports
+from .test_operations import pop3_login
 from .test_relay import Stalling, smarthost  # noqa: F401  (fixture)
 
 ANN = "ann@example.org"
@@ -58,25 +59,18 @@ def two_hosts(tmp_path, db_url, smarthost):  # noqa: F811
     database.dispose()
 
 
-def pop3(address) -> tuple[LineClient, str]:
-    c = LineClient(address)
-    c.line()
-    c.ask(f"USER {ANN}")
-    return c, c.ask(f"PASS {PASSWORD}")
-
-
 def test_the_maildrop_lock_holds_across_hosts(two_hosts):
     start, _, _ = two_hosts
     a, b = start(0), start(1)
-    first, reply = pop3(a.addresses["pop3"])
+    first, reply = pop3_login(a.addresses["pop3"], PASSWORD)
     assert reply.startswith("+OK")
-    second, reply = pop3(b.addresses["pop3"])
+    second, reply = pop3_login(b.addresses["pop3"], PASSWORD)
     assert reply == Pop3Handler.REPLY_IN_USE  # held on the other host
     second.close()
     assert first.ask("QUIT").startswith("+OK")
     first.close()
     for _ in range(100):  # (until host a has committed its QUIT; each look is a login)
-        third, reply = pop3(b.addresses["pop3"])
+        third, reply = pop3_login(b.addresses["pop3"], PASSWORD)
         third.close()
         if reply != Pop3Handler.REPLY_IN_USE:
             break

@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from mailsrv.app import LOG_FORMAT
-from mailsrv.auth import cram_md5_digest
 
 from .conftest import PASSWORD, LineClient
 from .test_app import Served, mailsrv, shipped_config_on_ephemeral_ports
 from .test_relay import Script, free_port
+from .test_security import odmr_login
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "scripts" / "fail2ban" / "filter.d" / "mailsrv.conf"
@@ -60,17 +60,6 @@ def pop3_login(address, password: str) -> tuple[LineClient, str]:
     return c, c.ask(f"PASS {password}")
 
 
-def odmr_cram(address, secret: str) -> LineClient:
-    c = LineClient(address)
-    c.line()
-    c.send("EHLO customer.example")
-    while not c.line().startswith("250 "):
-        pass
-    challenge = base64.b64decode(c.ask("AUTH CRAM-MD5")[4:])
-    c.reply = c.ask(base64.b64encode(f"{ANN} {cram_md5_digest(secret, challenge)}".encode()).decode())
-    return c
-
-
 # --- metrics ----------------------------------------------------------------------------
 
 
@@ -97,8 +86,8 @@ def test_metrics_count_real_traffic(make_app, store, database):
             client.sendmail(ANN, ["bob@example.org", "far@remote.example"], b"Subject: two ways\r\n\r\nx\r\n")
         with smtplib.SMTP(*app.address("smtp"), timeout=10) as client:
             client.sendmail("someone@example.net", ["x@customer.example"], b"Subject: held\r\n\r\ny\r\n")
-        customer = odmr_cram(app.address("odmr"), PASSWORD)
-        assert customer.reply.startswith("235")
+        customer, reply = odmr_login(app.address("odmr"), PASSWORD)
+        assert reply.startswith("235")
         assert customer.ask("ATRN other.example").startswith("453")
         customer.close()
         assert app.delivery.wait_until(lambda: len(sink.received) == 1, 30)
@@ -177,8 +166,8 @@ def test_fail2ban_counts_exactly_the_failed_logins(make_app, store, tmp_path):
         c.ask(f"USER {ANN}")
         assert c.ask(f"PASS {GUESS}").startswith("-")
         c.close()
-        c = odmr_cram(app.address("odmr"), GUESS)
-        assert c.reply.startswith("535")
+        c, reply = odmr_login(app.address("odmr"), GUESS)
+        assert reply.startswith("535")
         c.close()
         c, reply = pop3_login(app.address("pop3"), GUESS)  # then a name that tries to frame another address
         smuggler = base64.b64encode(f'\0x" rhost=10.9.8.7 user="y\0{GUESS}'.encode()).decode()

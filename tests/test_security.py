@@ -170,8 +170,9 @@ def test_real_clients_read_mail_over_tls_only(guarded, store, tmp_path):
 # --- auto-ban -----------------------------------------------------------------------------
 
 
-def odmr_guess(address, secret: str) -> tuple[LineClient, str]:
-    """An ODMR session and its answer to one CRAM-MD5 login (no plaintext: loopback may be banned)."""
+def odmr_login(address, secret: str) -> tuple[LineClient, str]:
+    """An ODMR session and its answer to one CRAM-MD5 login as ann (its greeting instead,
+    when that is not 220: a refusal)."""
     from mailsrv.auth import cram_md5_digest
 
     c = LineClient(address)
@@ -194,7 +195,7 @@ def test_failed_logins_ban_the_address_everywhere_until_lifted(make_app, store, 
     app = make_app(auth={"plaintext_networks": (), "never_ban": (), "ban_after": 3, "bcrypt_rounds": 4,
                          "failure_delay": 0.0}, odmr={"listen": LOOPBACK})
     for attempt in range(3):
-        c, reply = odmr_guess(app.address("odmr"), "wrong")
+        c, reply = odmr_login(app.address("odmr"), "wrong")
         assert reply.startswith("535")
         if attempt == 2:  # the third failure ends its session too
             assert c.line() == ""
@@ -202,7 +203,7 @@ def test_failed_logins_ban_the_address_everywhere_until_lifted(make_app, store, 
     c = LineClient(app.address("pop3"))
     assert c.line() == Pop3Handler.BANNED  # every protocol refuses the address now
     assert c.line() == ""
-    c, reply = odmr_guess(app.address("odmr"), PASSWORD)
+    c, reply = odmr_login(app.address("odmr"), PASSWORD)
     assert reply == SmtpHandler.BANNED  # (the right secret too)
 
     (ban,) = store.bans.active()
@@ -218,12 +219,12 @@ def test_failed_logins_ban_the_address_everywhere_until_lifted(make_app, store, 
     assert cli.main(["-c", str(conf), "ban", "del", "127.0.0.1"]) == 1  # (not banned any more)
 
     for _ in range(500):  # served again once the server has read the bans again (a thread does)
-        c, reply = odmr_guess(app.address("odmr"), PASSWORD)
+        c, reply = odmr_login(app.address("odmr"), PASSWORD)
         c.close()
         if reply != SmtpHandler.BANNED:
             break
     assert reply.startswith("235")  # with a fresh count:
-    c, reply = odmr_guess(app.address("odmr"), "wrong")
+    c, reply = odmr_login(app.address("odmr"), "wrong")
     assert reply.startswith("535")
     c.close()
     assert store.bans.active() == []
@@ -238,10 +239,10 @@ def test_the_office_is_never_banned(make_app, store, exempt):
     app = make_app(auth={"ban_after": 2, "bcrypt_rounds": 4, "failure_delay": 0.0, **networks},
                    odmr={"listen": LOOPBACK})
     for _ in range(5):
-        c, reply = odmr_guess(app.address("odmr"), "wrong")
+        c, reply = odmr_login(app.address("odmr"), "wrong")
         assert reply.startswith("535")
         c.close()
-    c, reply = odmr_guess(app.address("odmr"), PASSWORD)
+    c, reply = odmr_login(app.address("odmr"), PASSWORD)
     assert reply.startswith("235")
     c.close()
     assert store.bans.active() == []
