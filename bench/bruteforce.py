@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import hmac
 import poplib
 import smtplib
 import socket
@@ -31,7 +29,7 @@ import ssl
 import threading
 import time
 
-from common import MailsrvWithStore, self_signed_certificate, temp_folder
+from common import MailsrvWithStore, cram_md5_answer, self_signed_certificate, temp_folder
 
 USER, SECRET = "ann@bench.example", "the-real-one"
 VARIANTS = {
@@ -106,9 +104,7 @@ def guess_odmr(address) -> bool:
         while reader.readline()[3:4] == b"-":
             pass
         sock.sendall(b"AUTH CRAM-MD5\r\n")
-        challenge = base64.b64decode(reader.readline()[4:].strip())
-        digest = hmac.new(b"wrong", challenge, hashlib.md5).hexdigest()
-        sock.sendall(base64.b64encode(f"{USER} {digest}".encode()) + b"\r\n")
+        sock.sendall(cram_md5_answer(USER, "wrong", reader.readline()))
         answered = reader.readline().startswith(b"535")
         sock.close()
         return answered

@@ -6,6 +6,7 @@ Benchmarks print figures; they never pass or fail anything. Every connection goe
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import resource
@@ -214,6 +215,14 @@ def self_signed_certificate(folder: Path) -> tuple[str, str]:
         check=True, capture_output=True,
     )
     return str(cert), str(key)
+
+
+def cram_md5_answer(user: str, secret: str, challenge_reply: bytes) -> bytes:
+    """The client's line (CRLF included) to a ``334``/``+`` CRAM-MD5 challenge reply."""
+    from mailsrv.auth import cram_md5_digest
+
+    challenge = base64.b64decode(challenge_reply[4:].strip())
+    return base64.b64encode(f"{user} {cram_md5_digest(secret, challenge)}".encode()) + b"\r\n"
 
 
 def hold_on_cpu(cpu: int | None) -> None:

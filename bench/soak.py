@@ -16,9 +16,6 @@ the rate and the p99 latency per protocol.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import hmac
 import random
 import re
 import smtplib
@@ -29,7 +26,14 @@ import time
 from collections import Counter
 
 from aiosmtpd.controller import Controller
-from common import MailsrvWithStore, free_port, percentile, raise_fd_limit, temp_folder
+from common import (
+    MailsrvWithStore,
+    cram_md5_answer,
+    free_port,
+    percentile,
+    raise_fd_limit,
+    temp_folder,
+)
 
 DOMAIN, ODMR_DOMAIN = "soak.example", "customer.example"
 PASSWORD, SECRET = "soak-password", "soak-secret"
@@ -187,9 +191,7 @@ def odmr_collect(address, account: Account) -> bool:
     while reader.readline()[3:4] == b"-":
         pass
     sock.sendall(b"AUTH CRAM-MD5\r\n")
-    challenge = base64.b64decode(reader.readline()[4:].strip())
-    digest = hmac.new(SECRET.encode(), challenge, hashlib.md5).hexdigest()
-    sock.sendall(base64.b64encode(f"{CUSTOMER} {digest}".encode()) + b"\r\n")
+    sock.sendall(cram_md5_answer(CUSTOMER, SECRET, reader.readline()))
     reader.readline()
     sock.sendall(b"ATRN\r\n")
     reply = reader.readline()
