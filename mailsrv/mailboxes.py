@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .message import to_crlf
-from .store import Refused, Store, StoredMessage
+from .store import Refused, Store, StoredMessage, header_of
 
 BATCH_MESSAGES = 200
 BATCH_OCTETS = 16 * 1024 * 1024
@@ -79,8 +79,8 @@ class Found:
 
     where: str
     body: bytes | None
-    sender: str = ""
-    received_at: datetime | None = None
+    sender: str | None = None  # (None: the header's Return-Path, if any)
+    received_at: datetime | None = None  # (None: the header's Date, if any)
     seen: bool = False
     why: str = ""
 
@@ -127,7 +127,7 @@ def _mbox_message(path: Path, number: int, line_number: int, from_line: bytes, l
     if not body.strip():
         return Found(where, None, why="empty message")
     sender, received_at = _parse_from_line(from_line)
-    return Found(where, body, sender, received_at or _date_header(body), seen)
+    return Found(where, body, sender, received_at, seen)
 
 
 def _parse_from_line(line: bytes) -> tuple[str, datetime | None]:
@@ -142,8 +142,7 @@ def _parse_from_line(line: bytes) -> tuple[str, datetime | None]:
     return sender, received
 
 
-def _date_header(body: bytes) -> datetime | None:
-    header = body.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+def _date_header(header: bytes) -> datetime | None:
     match = re.search(rb"(?im)^Date:[ \t]*(.+?)\r?$", header)
     if not match:
         return None
@@ -151,6 +150,12 @@ def _date_header(body: bytes) -> datetime | None:
         return email.utils.parsedate_to_datetime(match.group(1).decode("ascii", "replace")).astimezone(UTC)
     except (TypeError, ValueError):
         return None
+
+
+def _return_path(header: bytes) -> str:
+    """The envelope sender a delivering MTA wrote into the header (Maildir has no other)."""
+    match = re.search(rb"(?im)^Return-Path:[ \t]*<([^>\r\n]*)>", header)
+    return match.group(1).decode("utf-8", "replace") if match else ""
 
 
 def read_maildir(path: Path) -> Iterator[Found]:
@@ -176,14 +181,7 @@ def read_maildir(path: Path) -> Iterator[Found]:
         if not body.strip():
             yield Found(str(file), None, why="empty message")
             continue
-        yield Found(str(file), body, _return_path(body), datetime.fromtimestamp(mtime, UTC), "S" in info)
-
-
-def _return_path(body: bytes) -> str:
-    """The envelope sender a delivering MTA wrote into the header (Maildir has no other)."""
-    header = body.split(b"\n\n", 1)[0]
-    match = re.search(rb"(?im)^Return-Path:[ \t]*<([^>\r\n]*)>", header)
-    return match.group(1).decode("utf-8", "replace") if match else ""
+        yield Found(str(file), body, None, datetime.fromtimestamp(mtime, UTC), "S" in info)
 
 
 def sources(path: Path) -> Iterator[Found]:
@@ -214,7 +212,10 @@ def import_mailbox(store: Store, address: str, path: Path) -> Report:
             report.skipped.append((found.where, f"over the quota of {account.address} ({account.quota_bytes} octets)"))
             continue
         used += len(body)
-        batch.append(StoredMessage(body, found.sender, found.received_at or datetime.now(UTC), found.seen))
+        header = header_of(body)
+        sender = _return_path(header) if found.sender is None else found.sender
+        received_at = found.received_at or _date_header(header) or datetime.now(UTC)
+        batch.append(StoredMessage(body, sender, received_at, found.seen))
         octets += len(body)
         if len(batch) >= BATCH_MESSAGES or octets >= BATCH_OCTETS:
             _store(store, account.id, batch, report)
