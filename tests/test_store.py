@@ -219,13 +219,16 @@ def test_grouped_writes_commit_together_and_fail_alone(database):
     assert {queue_id: f"s{i}@example.org" for i, queue_id in results.values()} == rows
 
 
-def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database):
+def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, monkeypatch):
     """Group commit: while one post's transaction runs, the 15 that arrive meanwhile wait
-    and are then committed together, in one transaction (not 15)."""
+    and are then committed together, in one transaction (not 15). (One shared transaction
+    at a time, as on SQLite; PostgreSQL's several are the next test's.)"""
     import threading
     from datetime import UTC, datetime
 
     from mailsrv.store.queue import INSERT_QUEUED
+
+    monkeypatch.setattr(database, "_group_leaders_max", 1)
 
     others_waiting = threading.Event()
 
@@ -242,7 +245,7 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database):
     results: dict[int, int] = {}
     first = threading.Thread(target=lambda: results.__setitem__(0, database.write_grouped(queued(0))))
     first.start()
-    while not database._group_leading:  # until it leads
+    while not database._group_leaders:  # until it leads
         threading.Event().wait(0.001)
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, database.write_grouped(queued(i))))
                for i in range(1, 16)]
@@ -257,6 +260,59 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database):
         t.join(60)
     assert sorted(results) == list(range(16)) and len(set(results.values())) == 16
     assert database.group_sizes == {1: 1, 15: 1}  # two transactions: the leader's, then the 15
+
+
+def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):
+    """On PostgreSQL GROUP_LEADERS shared transactions run at once, each on a connection
+    of its own: that many works meet inside their transactions (one at a time, the
+    barrier would break), and one more waits for a lead and shares the next."""
+    import threading
+    from datetime import UTC, datetime
+
+    from mailsrv import db as dbmod
+    from mailsrv.store.queue import INSERT_QUEUED
+
+    if not db_url.startswith("postgresql"):
+        assert dbmod.GROUP_LEADERS["sqlite"] == 1
+        pytest.skip("SQLite has one writer: one shared transaction at a time")
+    leaders = dbmod.GROUP_LEADERS["postgresql"]
+    assert leaders > 1
+    inside = threading.Barrier(leaders, timeout=30)
+    release = threading.Event()
+
+    def queued(i: int):
+        def work(raw):
+            queue_id = raw.execute(INSERT_QUEUED, {
+                "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
+                "created_at": datetime.now(UTC),
+            }).scalar_one()
+            if i < leaders:
+                inside.wait()  # every leader inside its own transaction at once
+                assert release.wait(30)
+            return queue_id
+        return work
+
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, database.write_grouped(queued(i))))
+               for i in range(leaders)]
+    for t in threads:
+        t.start()
+    while database._group_leaders < leaders:
+        threading.Event().wait(0.001)
+    late = threading.Thread(target=lambda: results.__setitem__(leaders, database.write_grouped(queued(leaders))))
+    late.start()
+    while True:  # the late one waits: every lead is taken
+        with database._group_lock:
+            if len(database._group) == 1:
+                break
+        threading.Event().wait(0.001)
+    release.set()
+    for t in (*threads, late):
+        t.join(60)
+    assert not inside.broken
+    assert sorted(results) == list(range(leaders + 1)) and len(set(results.values())) == leaders + 1
+    assert database.group_sizes == {1: leaders + 1}
+    assert database._group_leaders == 0
 
 
 def test_raw_connection_that_lost_its_server_is_replaced(database, db_url, monkeypatch):

@@ -35,7 +35,15 @@ ACCOUNT_COLUMNS = (
 ACCOUNT_BY_ADDRESS = select(*ACCOUNT_COLUMNS).where(Account.address == bindparam("address"))
 MARK_LOGIN = update(Account).where(Account.id == bindparam("account")).values(last_login_at=bindparam("now"))
 DOMAIN_KIND = select(Domain.kind).where(Domain.name == bindparam("name"))
-ALIAS_TARGET = select(Alias.target).where(Alias.address == bindparam("address"))
+#: (Raw) where an address leads, in one statement: its domain's kind, with the account
+#: and the alias of that address (NULLs where there is none); no row: not our domain
+ROUTE_OF = (
+    select(Domain.kind, *ACCOUNT_COLUMNS, Alias.target)
+    .select_from(Domain)
+    .outerjoin(Account, Account.address == bindparam("address"))
+    .outerjoin(Alias, Alias.address == bindparam("address"))
+    .where(Domain.name == bindparam("name"))
+)
 MAILBOX_USAGE = select(func.count(Message.id), func.coalesce(func.sum(Message.size), 0)).where(
     Message.account_id == bindparam("account")
 )
@@ -68,15 +76,14 @@ class Resolver:
     def resolve(self, address: str) -> Resolution:
         """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
         address = address.strip().lower()
-        kind = self.raw.scalar(DOMAIN_KIND, {"name": address.rpartition("@")[2]})
-        if kind is None:
+        row = self.raw.execute(ROUTE_OF, {"address": address, "name": address.rpartition("@")[2]}).first()
+        if row is None:
             return Resolution(Route.REMOTE)
-        if kind == "odmr":
+        if row[0] == "odmr":
             return Resolution(Route.ODMR)
-        row = self.raw.execute(ACCOUNT_BY_ADDRESS, {"address": address}).first()
-        if row is not None:
-            return Resolution(Route.ACCOUNT, account=AccountInfo(*row))
-        target = self.raw.scalar(ALIAS_TARGET, {"address": address})
+        if row[1] is not None:
+            return Resolution(Route.ACCOUNT, account=AccountInfo(*row[1:-1]))
+        target = row[-1]
         return Resolution(Route.ALIAS, target=target) if target else Resolution(Route.UNKNOWN)
 
     def mailbox_usage(self, account_id: int) -> tuple[int, int]:
