@@ -154,25 +154,32 @@ class MailsrvWithStore:
     name = "mailsrv"
 
     def __init__(self, folder: Path, domain: str, *, name: str = "mailsrv", database: str = "sqlite",
-                 code: Path | None = None, **sections: dict[str, str]):
+                 code: Path | None = None, processes: int = 1, **sections: dict[str, str]):
         from mailsrv import db as dbmod
         from mailsrv.store import Store
 
         self.name = name
-        self.schema = None
-        url = None
-        if database == "postgresql":
-            url, self.schema = postgres_schema()
-        elif database != "sqlite":
-            raise SystemExit(f"--database: sqlite or postgresql, not {database!r}")
+        url, self.schema = database_url(database)
         self.process = MailsrvProcess(folder, url, code, **sections)
+        #: further `mailsrv serve` processes on the same database (as further hosts would
+        #: be), each with its own ports; start_all starts them with the first
+        self.processes = [self.process] + [
+            MailsrvProcess(temp_folder(f"{folder.name}-{n}-"), self.process.database, code, **sections)
+            for n in range(1, processes)
+        ]
         self.db = dbmod.Database(self.process.database)
         dbmod.upgrade(self.db)
         self.store = Store(self.db)
         self.store.directory.add_domain(domain)
 
+    def start_all(self) -> None:
+        for process in self.processes:
+            process.start()
+
     def stop(self) -> None:
-        self.process.stop()
+        for process in self.processes:
+            if hasattr(process, "proc"):
+                process.stop()
         self.db.dispose()
         if self.schema:
             drop_postgres_schema(self.schema)
@@ -182,25 +189,47 @@ class MailsrvWithStore:
 POSTGRES_URL = os.environ.get("MAILSRV_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-def postgres_schema() -> tuple[str, str]:
+def database_url(database: str) -> tuple[str | None, str | None]:
+    """(the URL mailsrv is to use, the PostgreSQL schema made for it) for a ``--database``
+    value: ``sqlite`` (None: a new file in the server's folder), ``postgresql`` (a fresh
+    schema on POSTGRES_URL), or a database URL (PostgreSQL: a fresh schema there)."""
+    if database == "sqlite":
+        return None, None
+    if database == "postgresql" or database.startswith("postgresql"):
+        return postgres_schema(POSTGRES_URL if database == "postgresql" else database)
+    if database.startswith("sqlite:"):
+        return database, None
+    raise SystemExit(f"--database: sqlite, postgresql or a database URL, not {database!r}")
+
+
+def database_label(database: str) -> str:
+    """The column a ``--database`` value's figures are printed under."""
+    return "postgresql" if database.startswith("postgresql") else "sqlite"
+
+
+def postgres_schema(base: str = POSTGRES_URL) -> tuple[str, str]:
     """A fresh schema of its own on PostgreSQL: (the URL that uses it, its name)."""
     import uuid
 
     from sqlalchemy import create_engine, text
 
     schema = f"bench_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
     engine.dispose()
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    return f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}", schema
+    sep = "&" if "?" in base else "?"
+    _SCHEMA_BASES[schema] = base
+    return f"{base}{sep}options=-csearch_path%3D{schema}", schema
+
+
+_SCHEMA_BASES: dict[str, str] = {}
 
 
 def drop_postgres_schema(schema: str) -> None:
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    engine = create_engine(_SCHEMA_BASES.get(schema, POSTGRES_URL), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     engine.dispose()
@@ -236,13 +265,20 @@ def hold_on_cpu(cpu: int | None) -> None:
 
 def add_variant_arguments(parser) -> None:
     """The options every benchmark has for comparing mailsrv with itself."""
-    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
-                        help="mailsrv's database (postgresql: a fresh schema on POSTGRES_URL)")
+    parser.add_argument("--database", action="append", metavar="sqlite|postgresql|URL",
+                        help="mailsrv's database: sqlite (the default), postgresql (a fresh schema on "
+                             "POSTGRES_URL) or a database URL; given twice (--database postgresql --database "
+                             "sqlite), mailsrv on each, side by side, the peer left out")
     parser.add_argument("--against", type=Path, metavar="TREE",
                         help="compare with mailsrv run from another source tree (e.g. a worktree of an older "
                              "commit), named 'before', the servers taking turns; the peer is left out")
     parser.add_argument("--client-cpu", type=int, metavar="N",
                         help="hold the load generator on CPU N once the servers run (as taskset would)")
+
+
+def databases(args) -> list[str]:
+    """The ``--database`` values given (sqlite when none was)."""
+    return args.database or ["sqlite"]
 
 
 def free_port() -> int:

@@ -1,7 +1,8 @@
 """Posting: mailsrv (MPP into local mailboxes) and Postfix (SMTP into Maildir) side by side.
 
     python bench/mpp.py [--messages 2000] [--rounds 1] [--database postgresql] [--client-cpu 0]
-                        [--against TREE]
+                        [--against TREE] [--processes 2]
+    python bench/mpp.py --database postgresql --database sqlite   # mailsrv on each, side by side
 
 10 KB messages posted by 1 and by 8 concurrent clients, each client on one connection
 sending its messages one after another (MPP: USER, PASS once, then DATA per message;
@@ -19,7 +20,11 @@ SMTP: MAIL, RCPT, DATA per message). Figures, for both servers and their ratio:
 Postfix (Debian `postfix`) is set up by this script with its own config directory on a
 loopback port, delivering to the Maildir of a local user made for the run. ``--against
 TREE`` runs this tree's mailsrv ("after") against another tree's ("before") instead of
-Postfix; ``--client-cpu N`` holds the load generator on one CPU.
+Postfix; ``--client-cpu N`` holds the load generator on one CPU. ``--database`` given
+twice runs mailsrv on each database instead of Postfix (ratio: the first / the second).
+``--processes N`` runs N `mailsrv serve` processes on the one database (as N hosts would
+be: PostgreSQL), the clients taking turns between them; ``--processes 1,2`` runs mailsrv
+both ways, side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from pathlib import Path
 from common import (
     MailsrvWithStore,
     add_variant_arguments,
+    database_label,
+    databases,
     free_port,
     hold_on_cpu,
     percentile,
@@ -112,16 +119,17 @@ def figures(accepted, started, last_accepted, readable: dict[str, float]) -> dic
 
 class Mailsrv(MailsrvWithStore):
     def __init__(self, folder: Path, *, name: str = "mailsrv", database: str = "sqlite", code: Path | None = None,
-                 **sections: dict[str, str]):
+                 processes: int = 1, **sections: dict[str, str]):
         from mailsrv.auth import hash_password
 
         # the shipped defaults: 2 delivery workers
-        super().__init__(folder, DOMAIN, name=name, database=database, code=code, **sections)
+        super().__init__(folder, DOMAIN, name=name, database=database, code=code, processes=processes, **sections)
         self.account = self.store.directory.add_account(f"{USER}@{DOMAIN}", hash_password(PASSWORD, 4))
-        self.process.start()
+        self.start_all()
 
-    def session(self, _client: int):
-        sock = socket.create_connection(self.process.addresses["mpp"], timeout=60)
+    def session(self, client: int):
+        process = self.processes[client % len(self.processes)]
+        sock = socket.create_connection(process.addresses["mpp"], timeout=60)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buffer = bytearray()
 
@@ -250,17 +258,28 @@ def main(mailsrv_class=None, description: str | None = None) -> None:
     parser.add_argument("--messages", type=int, default=2000, help="messages per run")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each figure (the median is printed)")
     parser.add_argument("--only", choices=("mailsrv", "postfix"))
+    parser.add_argument("--processes", default="1", metavar="N[,M]",
+                        help="mailsrv serve processes on the one database; two counts: both, side by side")
     add_variant_arguments(parser)
     args = parser.parse_args()
     raise_fd_limit()
+    dbs = databases(args)
+    counts = [int(n) for n in args.processes.split(",")]
     servers = []
     try:
         if args.against:
             for name, code in (("after", None), ("before", args.against.resolve())):
-                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=name, database=args.database, code=code))
+                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=name, database=dbs[0], code=code))
+        elif len(dbs) > 1:
+            for database in dbs:
+                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=database_label(database),
+                                             database=database, processes=counts[0]))
+        elif len(counts) > 1:
+            for n in counts:
+                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=f"{n} serve", database=dbs[0], processes=n))
         elif args.only != "postfix":
-            servers.append(mailsrv_class(temp_folder("bench-mpp-"), database=args.database))
-        if args.only != "mailsrv" and not args.against:
+            servers.append(mailsrv_class(temp_folder("bench-mpp-"), database=dbs[0], processes=counts[0]))
+        if args.only != "mailsrv" and not args.against and len(dbs) == 1 and len(counts) == 1:
             servers.append(Postfix(temp_folder("bench-postfix-"), free_port()))
         hold_on_cpu(args.client_cpu)
         runs: dict[str, dict[str, list[float]]] = {}
@@ -285,7 +304,8 @@ def main(mailsrv_class=None, description: str | None = None) -> None:
         print(f"\nratio = {names[0]} / {names[1]} (higher is better for rates, lower for delays)")
     if args.rounds > 1:
         print(f"each figure the median of {args.rounds} rounds")
-    print(f"10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, {args.database}),")
+    print(f"10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, {' and '.join(dbs)}),"
+          f" {args.processes} serve process(es) per database")
     print(f"Postfix with Debian's defaults; {os.cpu_count()} cores.")
 
 

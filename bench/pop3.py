@@ -19,6 +19,8 @@ session starts TLS with STLS first (both servers get a self-signed certificate).
 ``--compare-pin`` runs mailsrv twice instead, ``[server] pin_cpu`` yes and no, and
 ``--against TREE`` runs this tree's mailsrv ("after") against another tree's ("before");
 ``--client-cpu N`` holds the load generator on one CPU (bench/README.md says why).
+``--database postgresql --database sqlite`` runs mailsrv on each database instead of
+Dovecot, side by side (ratio: the first / the second).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import bcrypt
 from common import (
     MailsrvWithStore,
     add_variant_arguments,
+    database_label,
+    databases,
     free_port,
     hold_on_cpu,
     now,
@@ -399,6 +403,7 @@ def main() -> None:
         name, _, value = item.partition("=")
         section, _, key = name.partition(".")
         settings.setdefault(section, {})[key] = value
+    dbs = databases(args)
     variants: list[tuple[str, dict, Path | None]] = [("mailsrv", settings, None)]
     if args.compare_pin:
         variants = [(f"pin_cpu={v}", {**settings, "server": {**settings.get("server", {}), "pin_cpu": v}}, None)
@@ -409,9 +414,11 @@ def main() -> None:
     try:
         if args.only != "dovecot":
             for name, variant, code in variants:
-                servers.append(Mailsrv(temp_folder("bench-mailsrv-"), variant, name=name, database=args.database,
-                                       code=code, tls=args.tls))
-        if args.only != "mailsrv" and len(variants) == 1:
+                for database in dbs:
+                    label = name if len(dbs) == 1 else database_label(database)
+                    servers.append(Mailsrv(temp_folder("bench-mailsrv-"), variant, name=label, database=database,
+                                           code=code, tls=args.tls))
+        if args.only != "mailsrv" and len(variants) == 1 and len(dbs) == 1:
             servers.append(Dovecot(temp_folder("bench-dovecot-"), free_port(), tls=args.tls))
         for server in servers:
             print(f"setting up {server.name} ...", flush=True)
@@ -448,7 +455,7 @@ def main() -> None:
     names = list(results)
     if len(names) == 2:
         print(f"\nratio = {names[0]} / {names[1]} (higher is better for rates, lower for times, memory, latency)")
-    print(f"mailsrv on {args.database}{', every session over TLS (STLS)' if args.tls else ''}"
+    print(f"mailsrv on {' and '.join(dbs)}{', every session over TLS (STLS)' if args.tls else ''}"
           f"{f', load generator on CPU {args.client_cpu}' if args.client_cpu is not None else ''}")
     if args.rounds > 1:
         print(f"timed figures: the median of {args.rounds} rounds, the servers taking turns")

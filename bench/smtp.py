@@ -24,8 +24,8 @@ class MailsrvSmtp(mpp.Mailsrv):
     def __init__(self, folder: Path, **kwargs):
         super().__init__(folder, smtp={"listen": "127.0.0.1:0"}, **kwargs)
 
-    def session(self, _client: int):
-        smtp = smtplib.SMTP(*self.process.addresses["smtp"], timeout=60)
+    def session(self, client: int):
+        smtp = smtplib.SMTP(*self.processes[client % len(self.processes)].addresses["smtp"], timeout=60)
         smtp.ehlo("bench.client")
         address = f"{mpp.USER}@{mpp.DOMAIN}"
 

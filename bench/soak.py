@@ -1,6 +1,7 @@
 """Soak: every protocol at once against one server, then an exact account of the mail.
 
-    python bench/soak.py [--seconds 60] [--database sqlite|postgresql] [--posters 50] [--readers 50]
+    python bench/soak.py [--seconds 60] [--database sqlite|postgresql|URL ...] [--posters 50] [--readers 50]
+    python bench/soak.py --database postgresql --database sqlite   # both, side by side
 
 For `--seconds`, against one `mailsrv serve`: MPP posters (each logged in, posting to a
 random local user), POP3 readers (each reading and deleting one user's mailbox, over and
@@ -29,8 +30,11 @@ from aiosmtpd.controller import Controller
 from common import (
     MailsrvWithStore,
     cram_md5_answer,
+    database_label,
+    databases,
     free_port,
     percentile,
+    print_side_by_side,
     raise_fd_limit,
     temp_folder,
 )
@@ -230,22 +234,14 @@ def waiting(server) -> int:
     return sum(d.count for d in server.store.queue_admin.depth() if d.state.value in ("queued", "inflight", "held"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--posters", type=int, default=50)
-    parser.add_argument("--readers", type=int, default=50)
-    parser.add_argument("--smtp", type=int, default=10)
-    parser.add_argument("--submission", type=int, default=5)
-    args = parser.parse_args()
-    raise_fd_limit()
+def soak(database: str, args) -> dict[str, float]:
+    """One soak against a new server on ``database``; print its account, return its figures."""
     from mailsrv.auth import hash_password
 
     account = Account()
     sink = Sink(account)
     server = MailsrvWithStore(
-        temp_folder("bench-soak-"), DOMAIN, database=args.database,
+        temp_folder("bench-soak-"), DOMAIN, database=database,
         pop3={"listen": "127.0.0.1:0"}, odmr={"listen": "127.0.0.1:0"},
         smtp={"listen": "127.0.0.1:0", "submission": "127.0.0.1:0"},
         delivery={"workers": "2", "relayhost": f"127.0.0.1:{sink.controller.port}", "relay_tls": "none"},
@@ -291,18 +287,42 @@ def main() -> None:
     lost = sum(1 for tag in accepted if tag not in found)
     duplicated = sum(1 for tag in found if found[tag] > 1)
     strays = sum(1 for tag in found if tag not in accepted)
-    print(f"\naccepted {sum(accepted.values())}, delivered {sum(found[t] > 0 for t in accepted)}, lost {lost},"
-          f" duplicated {duplicated}, errors {len(account.errors)}"
+    print(f"\n{database_label(database)}: accepted {sum(accepted.values())}, delivered {sum(found[t] > 0 for t in accepted)},"
+          f" lost {lost}, duplicated {duplicated}, errors {len(account.errors)}"
           f"{f', found but never accepted {strays}' if strays else ''}")
     for error in account.errors[:10]:
         print(f"  error: {error}")
     kinds = Counter(tag.split("-")[0] for tag in accepted)
-    print(f"\n{args.seconds:.0f} s of load on {args.database} (the last reader done after {loaded:.0f} s):")
+    print(f"{args.seconds:.0f} s of load on {database_label(database)} (the last reader done after {loaded:.0f} s)", flush=True)
+    figures = {"accepted": float(sum(accepted.values())), "lost": float(lost), "duplicated": float(duplicated),
+               "errors": float(len(account.errors))}
     for kind in ("mpp", "smtp", "submission"):
-        print(f"  {kind:11} {kinds[kind] / args.seconds:8.1f} messages/s accepted")
+        figures[f"{kind} accepted/s"] = kinds[kind] / args.seconds
+    figures["all accepted/s"] = sum(accepted.values()) / args.seconds
     for kind, values in sorted(account.latency.items()):
-        print(f"  {kind:14} p50 {statistics.median(values) * 1000:8.1f} ms  p99 {percentile(values, 99) * 1000:8.1f} ms"
-              f"  ({len(values)})")
+        figures[f"{kind} p50 ms"] = statistics.median(values) * 1000
+        figures[f"{kind} p99 ms"] = percentile(values, 99) * 1000
+        figures[f"{kind} count"] = float(len(values))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--database", action="append", metavar="sqlite|postgresql|URL",
+                        help="the database (sqlite when not given); given twice, one soak on each, side by side")
+    parser.add_argument("--posters", type=int, default=50)
+    parser.add_argument("--readers", type=int, default=50)
+    parser.add_argument("--smtp", type=int, default=10)
+    parser.add_argument("--submission", type=int, default=5)
+    args = parser.parse_args()
+    raise_fd_limit()
+    dbs = databases(args)
+    results = {database_label(database): soak(database, args) for database in dbs}
+    print_side_by_side(results, 30, 1)
+    if len(results) == 2:
+        first, second = results
+        print(f"\nratio = {first} / {second}")
 
 
 if __name__ == "__main__":
