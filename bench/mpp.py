@@ -306,7 +306,8 @@ def main(mailsrv_class=None, description: str | None = None) -> None:
         print(f"each figure the median of {args.rounds} rounds")
     print(f"10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, {' and '.join(dbs)}),"
           f" {args.processes} serve process(es) per database")
-    print(f"Postfix with Debian's defaults; {os.cpu_count()} cores.")
+    peer = "Postfix with Debian's defaults; " if any(s.name == "postfix" for s in servers) else ""
+    print(f"{peer}{os.cpu_count()} cores.")
 
 
 if __name__ == "__main__":
