@@ -170,9 +170,9 @@ def test_real_clients_read_mail_over_tls_only(guarded, store, tmp_path):
 # --- auto-ban -----------------------------------------------------------------------------
 
 
-def odmr_login(address, secret: str) -> tuple[LineClient, str]:
-    """An ODMR session and its answer to one CRAM-MD5 login as ann (its greeting instead,
-    when that is not 220: a refusal)."""
+def odmr_login(address, secret: str, user: str = ANN) -> tuple[LineClient, str]:
+    """An ODMR session and its answer to one CRAM-MD5 login as ``user`` (its greeting
+    instead, when that is not 220: a refusal)."""
     from mailsrv.auth import cram_md5_digest
 
     c = LineClient(address)
@@ -181,7 +181,7 @@ def odmr_login(address, secret: str) -> tuple[LineClient, str]:
         return c, greeting
     ehlo(c)
     challenge = base64.b64decode(c.ask("AUTH CRAM-MD5")[4:])
-    return c, c.ask(base64.b64encode(f"{ANN} {cram_md5_digest(secret, challenge)}".encode()).decode())
+    return c, c.ask(base64.b64encode(f"{user} {cram_md5_digest(secret, challenge)}".encode()).decode())
 
 
 def test_failed_logins_ban_the_address_everywhere_until_lifted(make_app, store, db_url, tmp_path, capsys,

@@ -4,7 +4,10 @@
 groups them by destination (the ``[delivery] relayhost``, or each recipient's domain),
 delivers each group over one SMTP session that carries message after message (as Postfix's
 connection cache does), and settles every recipient by its own reply while its lease holds
-(``store.leases.settle``):
+(``store.leases.settle``). A recipient the next hop took is recorded at once, before the
+next message goes (a commit that does not wait for the disk: a power cut may send it
+again, a crash of mailsrv does not), so a crash sends again at most the message whose
+reply it cut off; the other outcomes are settled when the batch ends:
 
 - 2xx to RCPT and to the final dot: ``sent`` (delivered);
 - 4xx, a network error, a 421 or a lost connection mid-transaction, an unanswered final
@@ -174,7 +177,14 @@ class Relay:
         outcomes: list[Outcome] = []
         for key, items in groups.items():
             outcomes += self.deliver(key, items)
-        applied = self.store.leases.settle(self.owner, outcomes, _no_copy, self.bounce)
+        self.record(outcomes)
+        return len(claimed)
+
+    def record(self, outcomes: list[Outcome], durable: bool = True) -> None:
+        """Settle outcomes (see ``Leases.settle`` for ``durable``), counted and logged."""
+        if not outcomes:
+            return
+        applied = self.store.leases.settle(self.owner, outcomes, _no_copy, self.bounce, durable=durable)
         metrics.count_settled(applied, "remote")
         for outcome in applied:
             if outcome.action in ATTEMPTS:  # (a recipient given back untried was not an attempt)
@@ -182,7 +192,6 @@ class Relay:
             c = outcome.claimed
             log.info("queue %d: <%s> %s%s", c.queue_id, c.recipient, outcome.action,
                      f" ({outcome.error})" if outcome.error else "")
-        return len(claimed)
 
     def deliver(self, key: str, items: list[Claimed]) -> list[Outcome]:
         """Deliver a destination's recipients: one session, message after message."""
@@ -216,7 +225,11 @@ class Relay:
                         outcomes += [self.retry(c, "4.7.5", f"cannot DKIM-sign: {exc}") for c in recipients]
                         continue
                     done, session = self.send(session, host, recipients, body)
-                    outcomes += done
+                    # what the next hop took is recorded before the next message goes, so
+                    # a crash sends again at most the message whose reply it cut off;
+                    # the rest of the batch's outcomes are settled together at its end
+                    self.record([o for o in done if o.action == Action.SENT], durable=False)
+                    outcomes += [o for o in done if o.action != Action.SENT]
             finally:
                 if session is not None:
                     _quit(session)

@@ -21,11 +21,14 @@ Decisions where the RFC leaves room (see also docs/design.md, "ODMR"):
 - Reversed: mailsrv waits for the customer's ``220`` (at least 10 minutes, RFC 2645
   section 5.2.1), sends EHLO (HELO if refused), then every held message for those domains:
   MAIL FROM, a RCPT for each of its recipients there, DATA with dot-stuffing, message after
-  message, pipelined when the customer offers PIPELINING; then QUIT. The recipients are
-  settled by their replies a batch of messages (4 MB of text) at a time, and whatever was
-  answered is settled when the turn ends however it ends: 2xx delivered, 4xx held again, 5xx
-  failed with one RFC 3464 bounce (never for the empty sender). A connection lost on the
-  way leaves whatever was not answered held, so the next ATRN sends exactly those.
+  message, pipelined when the customer offers PIPELINING; then QUIT. A recipient the
+  customer took (2xx) is recorded delivered the moment its reply is read, before the next
+  message goes (a commit that does not wait for the disk), so a crash of mailsrv sends at
+  most the one message whose reply it cut off again. The other replies are settled a batch
+  of messages (4 MB of text) at a time, and whatever was answered is settled when the turn
+  ends however it ends: 4xx held again, 5xx failed with one RFC 3464 bounce (never for the
+  empty sender). A connection lost on the way leaves whatever was not answered held, so
+  the next ATRN sends exactly those.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ class Turn:
                     self.send_pipelined(batch, bodies, pending, answered)
                 else:
                     for queue_id in batch:
-                        answered += self.send_message(pending[queue_id], bodies[queue_id])
+                        answered += self.record_sent(self.send_message(pending[queue_id], bodies[queue_id]), bodies)
                         del pending[queue_id]  # (answered: not held again below)
                 answered = self.settle(answered, bodies)
                 if pending and time.monotonic() - renewed > TURN_LEASE / 4:
@@ -290,7 +293,7 @@ class Turn:
                 outcomes += [self.by_reply(c, data) for c in accepted]
                 if following:
                     self.stream.send_parts(following)
-            answered += outcomes
+            answered += self.record_sent(outcomes, bodies)
             del pending[queue_id]
 
     def ask(self, line: str):
@@ -305,12 +308,22 @@ class Turn:
             return Outcome(c, Action.HOLD, error=customer_said)
         return Outcome(c, Action.FAIL, status=enhanced_status(reply.code, reply.text), error=customer_said)
 
-    def settle(self, outcomes: list[Outcome], bodies: dict[int, bytes] | None = None) -> list[Outcome]:
+    def record_sent(self, outcomes: list[Outcome], bodies: dict[int, bytes]) -> list[Outcome]:
+        """Settle at once the recipients the customer took (``sent``), before the next
+        message goes, so that a crash sends again at most the message whose reply it cut
+        off; return the other outcomes, which are settled a batch at a time."""
+        self.settle([o for o in outcomes if o.action == Action.SENT], bodies, durable=False)
+        return [o for o in outcomes if o.action != Action.SENT]
+
+    def settle(self, outcomes: list[Outcome], bodies: dict[int, bytes] | None = None,
+               durable: bool = True) -> list[Outcome]:
         """Apply the outcomes (nothing when there are none; ``bodies``, the batch's text,
-        spares reading it again); return an empty list to collect the next ones in."""
+        spares reading it again; ``durable``: see ``Leases.settle``); return an empty
+        list to collect the next ones in."""
         if not outcomes:
             return []
-        applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce, bodies)
+        applied = self.store.leases.settle(self.owner, outcomes, Worker.local_copy, self.bouncer.bounce, bodies,
+                                           durable=durable)
         metrics.count_settled(applied, "odmr")
         for outcome in applied:
             self.log.info("queue %d: <%s> %s%s", outcome.claimed.queue_id, outcome.claimed.recipient, outcome.action,

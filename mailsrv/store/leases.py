@@ -163,11 +163,14 @@ class Leases:
             ).rowcount
 
     def settle(self, owner: str, outcomes: Sequence[Outcome], local_copy: LocalCopy, bounce: Bounce,
-               bodies: dict[int, bytes] | None = None) -> list[Outcome]:
-        """Apply outcomes in one durable transaction, each only while ``owner`` still holds
-        its lease; return those applied (see :func:`~mailsrv.store.queue.settle_in`).
-        ``bodies``, when the caller has them, saves reading the messages again."""
-        with self.db.write_raw() as raw:
+               bodies: dict[int, bytes] | None = None, durable: bool = True) -> list[Outcome]:
+        """Apply outcomes in one transaction, each only while ``owner`` still holds its
+        lease; return those applied (see :func:`~mailsrv.store.queue.settle_in`).
+        ``bodies``, when the caller has them, saves reading the messages again.
+        ``durable=False`` is for recording what the next hop took (``sent``) the moment it
+        said so: a power cut may undo it, and then the message goes again (a duplicate,
+        never a loss), but a killed mailsrv never forgets it."""
+        with self.db.write_raw(durable=durable) as raw:
             return settle_in(raw, owner, outcomes, local_copy, bounce, utcnow(), bodies)
 
     def reclaim_dead_leases(self) -> int:
