@@ -1,6 +1,6 @@
 """Connection floods against a `mailsrv serve` process: 2,000 connections from one address
-that send nothing (or one byte and then nothing), then 2,000 more from a hundred
-addresses. The per-address cap and `max_connections` hold, the refused hear the
+that send nothing (or one byte and then nothing, or a byte a second, never ending a line),
+then 2,000 more from a hundred addresses. The per-address cap and `max_connections` hold, the refused hear the
 protocol's refusal line, the server's memory stays under a stated bound, and a login
 from another address still succeeds while the first flood is on."""
 
@@ -10,6 +10,8 @@ import re
 import resource
 import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,47 @@ FLOOD = 2000
 MAX_CONNECTIONS, PER_ADDRESS = 400, 50
 #: the server's resident memory with MAX_CONNECTIONS sessions open may not exceed this
 MEMORY_BOUND_MB = 150
+
+
+class Dripper:
+    """Sends a byte a second on every connection it is given (a line that never ends),
+    until stopped; a connection the server closed is dropped."""
+
+    def __init__(self):
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.sent = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def add(self, socks: list[socket.socket]) -> None:
+        with self.lock:
+            self.socks += socks
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            second = time.monotonic() + 1
+            with self.lock:
+                socks = list(self.socks)
+            for sock in socks:
+                try:
+                    sock.send(b"U", socket.MSG_DONTWAIT)
+                    self.sent += 1
+                except OSError:
+                    with self.lock:
+                        self.socks.remove(sock)
+            self.stopped.wait(max(0.0, second - time.monotonic()))  # (the pace of the load)
+
+    def wait_sent(self, more: int) -> None:
+        """Until ``more`` bytes more have been sent (each second's round is one each)."""
+        target = self.sent + more
+        while self.sent < target and self.thread.is_alive():
+            self.stopped.wait(0.1)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(10)
 
 
 def rss_mb(pid: int) -> float:
@@ -59,6 +102,22 @@ def flood(address, count: int, sources: list[str], first_byte: bool) -> list[soc
     return socks
 
 
+def assert_office_logs_in(address) -> None:
+    """A PC of the office, from another address, logs in and is answered."""
+    office = LineClient.__new__(LineClient)
+    office.sock = socket.socket()
+    office.sock.settimeout(10)
+    office.sock.bind(("127.0.0.2", 0))
+    office.sock.connect(address)
+    office.file = office.sock.makefile("rb")
+    assert office.line().startswith("+OK")
+    office.ask(f"USER {ANN}")
+    assert office.ask(f"PASS {PASSWORD}").startswith("+OK")
+    assert office.ask("STAT").startswith("+OK 0 ")
+    office.ask("QUIT")
+    office.close()
+
+
 @pytest.fixture
 def many_files():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -70,8 +129,10 @@ def many_files():
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.mark.parametrize("first_byte", [False, True], ids=["silent", "one-byte"])
-def test_a_flood_holds_the_caps_and_leaves_room_for_the_office(tmp_path, many_files, first_byte):
+@pytest.mark.parametrize("kind", ["silent", "one-byte", "byte-a-second"])
+def test_a_flood_holds_the_caps_and_leaves_room_for_the_office(tmp_path, many_files, kind):
+    first_byte = kind != "silent"
+    dripper = Dripper() if kind == "byte-a-second" else None
     conf = shipped_config_on_ephemeral_ports(tmp_path)
     text = re.sub(r"(?m)^max_connections = \d+$", f"max_connections = {MAX_CONNECTIONS}", conf.read_text())
     conf.write_text(re.sub(r"(?m)^max_connections_per_ip = \d+$", f"max_connections_per_ip = {PER_ADDRESS}", text))
@@ -87,19 +148,11 @@ def test_a_flood_holds_the_caps_and_leaves_room_for_the_office(tmp_path, many_fi
         lines = first_lines(one)
         assert sum(line.startswith(b"+OK") for line in lines) == PER_ADDRESS
         assert lines.count(Pop3Handler.REFUSAL.encode() + b"\r\n") == FLOOD - PER_ADDRESS
+        if dripper is not None:  # the sessions dripped into for three seconds, then the office comes
+            dripper.add([sock for sock, line in zip(one, lines, strict=True) if line.startswith(b"+OK")])
+            dripper.wait_sent(3 * PER_ADDRESS)
 
-        office = LineClient.__new__(LineClient)  # a PC of the office, from another address
-        office.sock = socket.socket()
-        office.sock.settimeout(10)
-        office.sock.bind(("127.0.0.2", 0))
-        office.sock.connect(address)
-        office.file = office.sock.makefile("rb")
-        assert office.line().startswith("+OK")
-        office.ask(f"USER {ANN}")
-        assert office.ask(f"PASS {PASSWORD}").startswith("+OK")
-        assert office.ask("STAT").startswith("+OK 0 ")
-        office.ask("QUIT")
-        office.close()
+        assert_office_logs_in(address)
 
         many = flood(address, FLOOD, [f"127.0.1.{n}" for n in range(1, 101)], first_byte)
         opened += many
@@ -107,8 +160,15 @@ def test_a_flood_holds_the_caps_and_leaves_room_for_the_office(tmp_path, many_fi
         greeted = sum(line.startswith(b"+OK") for line in lines)
         assert greeted == MAX_CONNECTIONS - PER_ADDRESS  # the total cap, whoever comes
         assert lines.count(Pop3Handler.REFUSAL.encode() + b"\r\n") == FLOOD - greeted
+        if dripper is not None:  # every open session dripped into for a few seconds more
+            dripper.add([sock for sock, line in zip(many, lines, strict=True) if line.startswith(b"+OK")])
+            dripper.wait_sent(3 * MAX_CONNECTIONS)  # three seconds of it
+            with dripper.lock:
+                assert len(dripper.socks) == MAX_CONNECTIONS  # none cut off for dripping
         assert rss_mb(served.proc.pid) < MEMORY_BOUND_MB
     finally:
+        if dripper is not None:
+            dripper.stop()
         for sock in opened:
             sock.close()
         assert served.stop(signal.SIGTERM) == 0  # (within 5 s, with every session cut off)
