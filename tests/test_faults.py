@@ -1,13 +1,17 @@
 """Database faults under load: PostgreSQL backends terminated while four SMTP clients send
-(the connections are cut, as in a PostgreSQL restart), and SQLite's file locked by another
-process. Sessions get 4xx replies, never a broken conversation; everything answered 250 is
+(the connections are cut), PostgreSQL itself restarted while they send, and SQLite's file
+locked by another process. Sessions get 4xx replies, never a broken conversation; everything answered 250 is
 in the mailbox exactly once; service comes back by itself, with no server restart."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import smtplib
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -101,6 +105,36 @@ def test_backends_terminated_under_load(make_app, store, db_url):
     assert cut >= 5
     store.db.engine.dispose()  # (the test's own connections were cut too)
     check(load, store)
+    with smtplib.SMTP(*app.address("smtp"), timeout=30) as client:  # and service is back, by itself
+        assert client.sendmail("a@example.net", [BOB], b"Subject: load after\r\n\r\nx\r\n") == {}
+
+
+def test_postgresql_restarted_under_load(make_app, store, db_url):
+    """The PostgreSQL server itself is restarted (``pg_ctlcluster ... restart``: every
+    connection cut, then a few seconds with nothing listening) while the senders go on:
+    they are told 4xx meanwhile, nothing answered 250 is lost, and mailsrv carries on
+    by itself once PostgreSQL is back."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    clusters = sorted(Path("/etc/postgresql").glob("*/main")) if Path("/etc/postgresql").is_dir() else []
+    if not clusters or shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
+        pytest.skip("needs the machine's own PostgreSQL cluster (pg_ctlcluster, as root), as on CI")
+    version = clusters[-1].parent.name
+    app = make_app(smtp={"listen": LOOPBACK, "submission": ()}, delivery={"workers": 1})
+    load = Load(app.address("smtp"))
+    load.start()
+    try:
+        load.wait_for(SENDERS * EACH // 4)
+        restart = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+                                 capture_output=True, text=True, timeout=120)
+        assert restart.returncode == 0, restart.stderr
+    finally:
+        load.join()
+    store.db.engine.dispose()  # (the test's own connections were cut too)
+    check(load, store)
+    assert load.deferred, "no sender noticed the restart"
+    print(f"accepted {len(load.accepted)}, deferred {len(load.deferred)}")
+    assert len(load.accepted) > SENDERS * EACH // 4
     with smtplib.SMTP(*app.address("smtp"), timeout=30) as client:  # and service is back, by itself
         assert client.sendmail("a@example.net", [BOB], b"Subject: load after\r\n\r\nx\r\n") == {}
 
