@@ -325,7 +325,10 @@ class LineStream:
         if strict and _has_bare_newline(raw):
             return DotText(b"", bare_newline=True)
         text = unstuff(raw, stuffed)
-        return DotText(text if strict else to_crlf(text))
+        if strict:
+            return DotText(text)
+        text = to_crlf(text)  # (each bare LF or CR one octet more: the limit holds for what is kept)
+        return DotText(b"", too_large=True) if len(text) > limit else DotText(text)
 
     def read_reply(self) -> Reply:
         """An SMTP-style reply (``250-a``, ``250 b``) read as a client."""

@@ -316,6 +316,15 @@ def test_empty_text_and_size_limit_and_nul():
     assert read_text_of([b"a\0b\r\n.\r\n"])[0][2] is True
 
 
+def test_the_size_limit_holds_for_the_text_kept_after_bare_lf_become_crlf():
+    """Bare LFs (lenient, MPP) are kept as CRLF, an octet more each: 30 received octets
+    that become 40 are over a limit of 35 (found by tests/test_fuzz.py)."""
+    text = b"ab\n" * 10  # 30 octets, 40 as CRLF
+    assert read_text_of([text + b".\n"], max_size=40) == ((text.replace(b"\n", b"\r\n"), False, False), b"")
+    (body, too_large, _), rest = read_text_of([text + b".\nNOOP\r\n"], max_size=35)
+    assert too_large and body == b"" and rest == b"NOOP\r\n"
+
+
 def test_client_leaving_mid_text_raises():
     with pytest.raises(ConnectionAbortedError):
         read_text_of([b"To: bob@example.org\r\n\r\nhalf"])
