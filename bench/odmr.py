@@ -1,13 +1,14 @@
 """ODMR: a customer collecting a large backlog over the reversed connection.
 
-    python bench/odmr.py [--messages 1000] [--rounds 3] [--client-cpu 0] [--customer fetchmail|script]
+    python bench/odmr.py [--messages 1000] [--rounds 3] [--client-cpu 0] [--customer socat|fetchmail]
 
 N held messages of 10 KB across 10 ODMR domains wait in mailsrv. The customer connects,
 says EHLO, authenticates with CRAM-MD5 and sends ATRN for all 10 domains; after the 250 it
 becomes a byte pipe to a local SMTP sink (aiosmtpd, as in bench/relay.py), whose greeting
-and replies mailsrv then reads. The customer is fetchmail (`protocol odmr`, as a real
-office runs it; its ATRN and the 250 are timed from its `-v` protocol trace) or, with
-`--customer script`, this script doing the same in Python. Figures: the time from ATRN to
+and replies mailsrv then reads. The customer is this script with socat (the default: the
+script logs in and sends ATRN, then socat, written in C, is the byte pipe) or fetchmail
+(`--customer fetchmail`, `protocol odmr`, as a real office runs it; its ATRN and the 250
+are timed from its `-v` protocol trace). Figures: the time from ATRN to
 its 250, and the messages per second the sink received (first to last), once with a sink
 that offers PIPELINING and once with one that does not. In the same run, taking turns
 with the ODMR rounds, mailsrv's relay delivers the same number of messages to the same
