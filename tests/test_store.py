@@ -177,13 +177,22 @@ def test_raw_transactions_write_and_read_what_sqlalchemy_does(store, database, a
         assert s.execute(text("SELECT count(*) FROM queue")).scalar() == 2
 
 
+def insert_queued(raw, i: int) -> int:
+    """A queue row from sender s{i}, in the caller's transaction; its id."""
+    from datetime import UTC, datetime
+
+    from mailsrv.store.queue import INSERT_QUEUED
+
+    return raw.execute(INSERT_QUEUED, {
+        "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
+        "created_at": datetime.now(UTC),
+    }).scalar_one()
+
+
 def test_grouped_writes_commit_together_and_fail_alone(database):
     """Database.write_grouped from many threads at once: every work's own result, all
     committed, and a work that raises fails alone, the others still committed."""
     import threading
-    from datetime import UTC, datetime
-
-    from mailsrv.store.queue import INSERT_QUEUED
 
     threads_n = 16
     barrier = threading.Barrier(threads_n)
@@ -191,10 +200,7 @@ def test_grouped_writes_commit_together_and_fail_alone(database):
 
     def work_for(i: int):
         def work(c):
-            queue_id = c.execute(INSERT_QUEUED, {
-                "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
-                "created_at": datetime.now(UTC),
-            }).scalar_one()
+            queue_id = insert_queued(c, i)
             if i == 7:
                 raise ValueError("this one fails")
             return i, queue_id
@@ -224,9 +230,6 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, mon
     and are then committed together, in one transaction (not 15). (One shared transaction
     at a time, as on SQLite; PostgreSQL's several are the next test's.)"""
     import threading
-    from datetime import UTC, datetime
-
-    from mailsrv.store.queue import INSERT_QUEUED
 
     monkeypatch.setattr(database, "_group_leaders_max", 1)
 
@@ -236,10 +239,7 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, mon
         def work(raw):
             if i == 0:  # the first leads; it holds its transaction until the others wait
                 assert others_waiting.wait(30)
-            return raw.execute(INSERT_QUEUED, {
-                "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
-                "created_at": datetime.now(UTC),
-            }).scalar_one()
+            return insert_queued(raw, i)
         return work
 
     results: dict[int, int] = {}
@@ -267,10 +267,8 @@ def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):
     of its own: that many works meet inside their transactions (one at a time, the
     barrier would break), and one more waits for a lead and shares the next."""
     import threading
-    from datetime import UTC, datetime
 
     from mailsrv import db as dbmod
-    from mailsrv.store.queue import INSERT_QUEUED
 
     if not db_url.startswith("postgresql"):
         assert dbmod.GROUP_LEADERS["sqlite"] == 1
@@ -282,10 +280,7 @@ def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):
 
     def queued(i: int):
         def work(raw):
-            queue_id = raw.execute(INSERT_QUEUED, {
-                "sender": f"s{i}@example.org", "body": b"x", "size": 1, "origin": "mpp", "account_id": None,
-                "created_at": datetime.now(UTC),
-            }).scalar_one()
+            queue_id = insert_queued(raw, i)
             if i < leaders:
                 inside.wait()  # every leader inside its own transaction at once
                 assert release.wait(30)
