@@ -19,7 +19,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mailsrv.cli.main import main  # noqa: E402  (imported once, before any fork)
+from mailsrv.app import App  # noqa: E402, F401  (imported once, before any fork, with what
+from mailsrv.cli.main import main  # noqa: E402    serve loads on its first use)
+from mailsrv.delivery.relay import load_everything  # noqa: E402
+
+load_everything()
+try:  # (SQLAlchemy loads its PostgreSQL driver when an engine first asks for it)
+    import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
+except ImportError:
+    pass
 
 
 def serve(conf: str, keep: set[int]) -> tuple[int, int]:

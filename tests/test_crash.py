@@ -42,7 +42,7 @@ from .test_relay import Script, smarthost  # noqa: F401  (fixture)
 from .test_security import odmr_login
 
 KILLS_PER_POINT = 10  # five points: 50 kills in all, on each database
-BATCH = 30  # messages put in the way of each kill
+BATCH = 20  # messages put in the way of each kill
 DEADLINE = 150  # seconds for the whole test, kills and final account
 PASSWORD, SECRET = "crash-password", "crash-secret"
 CAROL, BOB, DAVE = "carol@example.org", "bob@example.org", "dave@example.org"
