@@ -1,7 +1,7 @@
 """Start `mailsrv serve` quickly, many times: a helper process for tests/test_crash.py.
 
 It imports mailsrv once, then for each line ``serve CONF`` on its standard input forks a
-child that runs ``mailsrv -c CONF serve`` (about 50 ms instead of the 0.7 s that a new
+child that runs ``mailsrv -c CONF serve`` (0.1-0.3 s to "ready" instead of the 0.7-1 s a new
 interpreter spends importing SQLAlchemy). It runs no thread of its own, so forking is safe.
 On its standard output, one line each:
 
