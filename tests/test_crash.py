@@ -11,7 +11,7 @@ and started again after each kill. Then everything is accounted for:
 - no message deleted by a POP3 session whose QUIT was answered +OK comes back, and no
   message is gone that no QUIT deleted.
 
-Each kill comes when the work has gone a random number of steps (posts answered,
+Each kill comes when the work has gone a random number of steps (posts sent,
 deliveries logged, messages taken by the smarthost or the customer, QUITs sent), so it
 lands anywhere in the work, not at a chosen place. The server is started by a helper that
 imported mailsrv once and forks (tests/forkserver.py), so a restart costs 0.1-0.3 s, not 0.7-1 s.
