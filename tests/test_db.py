@@ -1,6 +1,6 @@
 """The Raw path against SQLAlchemy's own, statement by statement, on SQLite and PostgreSQL.
 
-The Raw path (mailsrv.db.Raw) compiles each statement once and runs it on the driver's
+The Raw path (mailsrv.raw.Raw) compiles each statement once and runs it on the driver's
 cursor, reading SQLAlchemy's compiled form to do so (the positional order of parameters,
 the binds' defaults and type conversions, the result columns' conversions). Those are
 SQLAlchemy internals: an upgrade that changes them must fail here, not in a mailbox. So
@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, event
 from sqlalchemy.sql.base import Executable
 
-from mailsrv.db import Raw
+from mailsrv.raw import Raw
 
 STORE_MODULES = ("directory", "maildrop", "queue", "leases")
 #: statements only ever run on SQLite (read_bodies takes another one on PostgreSQL)

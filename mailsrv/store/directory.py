@@ -67,7 +67,7 @@ class Resolution:
 
 
 class Resolver:
-    """Directory reads inside a transaction the caller holds (a :class:`~mailsrv.db.Raw`):
+    """Directory reads inside a transaction the caller holds (a :class:`~mailsrv.raw.Raw`):
     delivery decides a whole batch on one."""
 
     def __init__(self, raw):
