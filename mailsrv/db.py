@@ -433,7 +433,7 @@ def alembic_config(db: Database):
 
 #: the newest revision in mailsrv/migrations/versions (tests/test_schema.py checks it), so
 #: that a server whose database is current never loads Alembic at all
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 def upgrade(db: Database) -> str:
@@ -483,6 +483,9 @@ def schema_ddl(dialect_name: str) -> str:
         parts.append(_tidy(CreateTable(table).compile(dialect=dialect)) + ";")
         for index in sorted(table.indexes, key=lambda i: i.name or ""):
             parts.append(_tidy(CreateIndex(index).compile(dialect=dialect)) + ";")
+    if dialect_name == "postgresql":
+        parts.append("-- message bodies compressed with lz4 where the server has it (migration 0005)\n"
+                     + models.lz4_bodies_sql() + ";")
     return "\n\n".join(parts) + "\n"
 
 

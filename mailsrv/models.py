@@ -65,6 +65,26 @@ class Base(DeclarativeBase):
 
 NEVER_REUSED = {"sqlite_autoincrement": True}
 
+#: the columns that hold whole messages. On PostgreSQL they are compressed with lz4 where
+#: the server has it (14 and newer, built with lz4, as Debian's is): its default, pglz,
+#: cost the server about 230 us of CPU per 10 KB message stored, lz4 about 90, at a
+#: little less saving of space (migration 0005; SQLite stores bodies as they are)
+BODY_COLUMNS = (("messages", "body"), ("queue", "body"))
+
+
+def lz4_bodies_sql(method: str = "lz4") -> str:
+    """PostgreSQL: one statement that sets the compression of BODY_COLUMNS to ``method``
+    when the server offers lz4 and changes nothing when it does not (an older server, or
+    one built without lz4). It applies to bodies written from then on."""
+    alters = "".join(
+        f"\n    ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION {method};" for table, column in BODY_COLUMNS
+    )
+    return (
+        "DO $$\nBEGIN\n  IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression'"
+        " AND 'lz4' = ANY(enumvals)) THEN"
+        f"{alters}\n  END IF;\nEND $$"
+    )
+
 
 class Domain(Base):
     """A mail domain: ``local`` (mailboxes here) or ``odmr`` (held for a customer's ATRN)."""

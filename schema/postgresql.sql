@@ -126,3 +126,12 @@ CREATE INDEX ix_queue_recipients_domain ON queue_recipients (domain);
 CREATE INDEX ix_queue_recipients_queue_id ON queue_recipients (queue_id);
 
 CREATE INDEX ix_queue_recipients_state_next_attempt_at ON queue_recipients (state, next_attempt_at);
+
+-- message bodies compressed with lz4 where the server has it (migration 0005)
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)) THEN
+    ALTER TABLE messages ALTER COLUMN body SET COMPRESSION lz4;
+    ALTER TABLE queue ALTER COLUMN body SET COMPRESSION lz4;
+  END IF;
+END $$;

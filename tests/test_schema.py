@@ -94,6 +94,48 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
     database.dispose()
 
 
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_postgresql_bodies_are_lz4_and_those_stored_before_still_read(db_url):
+    """Migration 0005: bodies written after it are lz4 (where the server has lz4), those
+    written before keep pglz, and both read back as they were stored."""
+    import random
+
+    from alembic import command
+    from sqlalchemy import text as sql
+
+    from mailsrv.store import Store
+
+    database = dbmod.Database(db_url)
+    cfg = dbmod.alembic_config(database)
+    with database.engine.connect() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0004")
+        connection.commit()
+    store = Store(database)
+    store.directory.add_domain("example.org")
+    account = store.directory.add_account("ann@example.org", "x").id
+    words = [bytes(random.Random(n).choices(b"abcdefghij", k=6)) for n in range(200)]
+    texts = [b"\r\n".join(b" ".join(random.Random(n + k).choices(words, k=9)) for k in range(150)) + b"\r\n"
+             for n in (1, 2)]  # 10 KB of word-like text each: compressed, stored inline
+    store.maildrops.deliver_local(account, texts[0])
+    with database.read_core() as connection:
+        offered = connection.execute(sql(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")).scalar()
+    assert dbmod.upgrade(database) == dbmod.HEAD_REVISION
+    store.maildrops.deliver_local(account, texts[1])
+    with database.read_core() as connection:
+        methods = [r[0] for r in connection.execute(sql("SELECT pg_column_compression(body) FROM messages ORDER BY id"))]
+        columns = dict(connection.execute(sql(
+            "SELECT attrelid::regclass::text, attcompression FROM pg_attribute"
+            " WHERE attname = 'body' AND attrelid IN ('messages'::regclass, 'queue'::regclass)")).all())
+    assert methods == (["pglz", "lz4"] if offered else ["pglz", "pglz"])
+    assert columns == ({"messages": "l", "queue": "l"} if offered else {"messages": "", "queue": ""})
+    ids = [m.id for m in store.maildrops.snapshot(account)]
+    bodies = store.maildrops.read_bodies(account, ids)
+    assert [bytes(bodies[i][0]) for i in ids] == texts
+    database.dispose()
+
+
 def test_head_revision_constant_is_alembics_head(database):
     from alembic.script import ScriptDirectory
 
