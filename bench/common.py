@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import re
 import resource
 import socket
@@ -84,6 +85,36 @@ def descendants(pid: int) -> list[int]:
             result.append(child)
             todo.append(child)
     return result
+
+
+def cpu_seconds(pids) -> float:
+    """CPU time (user and system, every thread) used so far by these processes; one that
+    has ended counts nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids() -> list[int]:
+    """The processes of the PostgreSQL server on this machine (its backends, WAL writer,
+    checkpointer...): those of the user ``postgres``."""
+    try:
+        uid = pwd.getpwnam("postgres").pw_uid
+    except KeyError:
+        return []
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _owner(e) == uid]
+
+
+def _owner(entry: Path) -> int | None:
+    try:
+        return entry.stat().st_uid
+    except OSError:
+        return None
 
 
 class MailsrvProcess:
@@ -175,6 +206,14 @@ class MailsrvWithStore:
     def start_all(self) -> None:
         for process in self.processes:
             process.start()
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU used so far by (the `mailsrv serve` processes, the database server): on
+        PostgreSQL its processes on this machine (the servers being measured take turns,
+        so what PostgreSQL does meanwhile is for the one running); SQLite runs inside
+        mailsrv."""
+        served = cpu_seconds([p.proc.pid for p in self.processes if hasattr(p, "proc")])
+        return served, cpu_seconds(postgres_pids()) if self.schema else 0.0
 
     def stop(self) -> None:
         for process in self.processes:

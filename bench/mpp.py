@@ -15,7 +15,12 @@ SMTP: MAIL, RCPT, DATA per message). Figures, for both servers and their ratio:
   ``messages.received_at`` time written in the transaction that makes it readable over
   POP3; for Postfix the mtime of its file in ``Maildir/new``. A message readable before
   its 250 arrived counts 0: mailsrv delivers to a local mailbox in the transaction that
-  queues the message, so its delays are 0 by construction.
+  queues the message, so its delays are 0 by construction;
+- mailsrv and database CPU us/message (mailsrv only): the CPU the `mailsrv serve`
+  processes used from the first post until the last message was readable, per message,
+  and on PostgreSQL the database server's (its processes on this machine; SQLite runs
+  inside mailsrv, so 0). Steadier than the rates on a noisy machine, and what decides
+  them once the cores are full.
 
 Postfix (Debian `postfix`) is set up by this script with its own config directory on a
 loopback port, delivering to the Maildir of a local user made for the run. ``--against
@@ -287,9 +292,14 @@ def main(mailsrv_class=None, description: str | None = None) -> None:
             for clients in (1, 8):
                 for server in servers:
                     server.clear()
+                    cpu = getattr(server, "cpu_seconds", lambda: (float("nan"), float("nan")))
+                    before = cpu()
                     accepted, started, last = run_posters(clients, args.messages // clients, server.session)
                     wait_for(server.count, len(accepted))
+                    used = [b - a for a, b in zip(before, cpu(), strict=True)]
                     got = figures(accepted, started, last, server.readable())
+                    got["mailsrv CPU us/message"] = used[0] * 1e6 / max(1, len(accepted))
+                    got["database CPU us/message"] = used[1] * 1e6 / max(1, len(accepted))
                     for key, value in got.items():
                         runs.setdefault(server.name, {}).setdefault(f"{clients} client(s): {key}", []).append(value)
                     print(f"  round {round_ + 1}, {server.name}, {clients} client(s): "
@@ -301,7 +311,7 @@ def main(mailsrv_class=None, description: str | None = None) -> None:
     print_side_by_side(results, 34, 1)
     names = list(results)
     if len(names) == 2:
-        print(f"\nratio = {names[0]} / {names[1]} (higher is better for rates, lower for delays)")
+        print(f"\nratio = {names[0]} / {names[1]} (higher is better for rates, lower for delays and CPU)")
     if args.rounds > 1:
         print(f"each figure the median of {args.rounds} rounds")
     print(f"10 KB messages; mailsrv with its shipped defaults ([delivery] workers = 2, {' and '.join(dbs)}),"
