@@ -88,15 +88,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def cpu_seconds(pids) -> float:
-    """CPU time (user and system, every thread) used so far by these processes; one that
-    has ended counts nothing."""
+    """CPU time (user and system, every thread) used so far by these processes and by
+    their children that have ended (a PostgreSQL backend that closed is counted by the
+    postmaster that waited for it); a process of the list that has ended counts nothing."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -146,9 +147,10 @@ class MailsrvProcess:
 
     def start(self) -> MailsrvProcess:
         env = {**os.environ, "PYTHONPATH": str(self.code)}
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # (run in the tree: `-m` puts the working directory
+            # first on the path, so from another checkout its code would be run instead)
             [sys.executable, "-m", "mailsrv.cli", "-c", str(self.conf), "serve"],
-            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=raise_fd_limit,
+            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=raise_fd_limit, cwd=self.code,
         )
         self.addresses: dict[str, tuple[str, int]] = {}
         ready = threading.Event()

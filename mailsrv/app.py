@@ -90,7 +90,7 @@ class App:
 
     def __init__(self, config: Config, *, workers: bool = True):
         self.config = config
-        self.db = dbmod.Database(config.server.database)
+        self.db = dbmod.Database(config.server.database, transactions=config.server.database_transactions)
         self.store = Store(self.db)
         self.auth = Authenticator(self.store, config.auth)
         tls = make_tls_context(config.tls.certfile, config.tls.keyfile) if config.tls.enabled else None

@@ -39,6 +39,7 @@ class ServerConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     pin_cpu: bool = True
+    database_transactions: int = 4
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ PARSERS: dict[str, dict[str, Any]] = {
         "max_connections": _positive_int,
         "max_connections_per_ip": _positive_int,
         "pin_cpu": parse_bool,
+        "database_transactions": _positive_int,
     },
     "pop3": {
         "listen": parse_listen,

@@ -62,15 +62,29 @@ SQLITE_MMAP_SIZE = 0
 #: page cache of each SQLite connection, in KiB (the kernel's page cache holds the rest)
 SQLITE_CACHE_KIB = 1024
 MIGRATIONS = Path(__file__).with_name("migrations")
-#: connections the raw transactions keep between uses, and for how long (a PostgreSQL
-#: connection idle for longer is checked by the pool's ping before it is used again)
-RAW_IDLE_CONNECTIONS = 4
+#: transactions of one process that run at once (``[server] database_transactions``); the
+#: others wait their turn, in the order they came (:class:`_Turns`), and the pool keeps as
+#: many connections open, so none is opened or closed under load. Unbounded, a soak of
+#: 120 sessions (bench/soak.py, 2 cores) had more transactions in flight than the pool
+#: kept connections for (14): on PostgreSQL the pool opened and closed 35 connections a second (each a new server process, its
+#: statements prepared again), and every thread woken by its database reply fought the
+#: others for the interpreter lock. Per message accepted, unbounded / 16 / 4 at once:
+#: PostgreSQL 430 / 600 / 1,170 messages/s, the database server's CPU 1.8 / 0.8 / 0.4 ms,
+#: mailsrv's 1.9 / 1.7 / 0.8 ms; SQLite 970 / 1,320 / 1,910 messages/s
+TRANSACTIONS_AT_ONCE = 4
+#: how long a transaction waits for its turn before the database counts as unavailable
+TURN_TIMEOUT_SECONDS = 30.0
+#: how long the raw transactions keep a connection between uses (a PostgreSQL connection
+#: idle for longer is checked by the pool's ping before it is used again)
 RAW_IDLE_SECONDS = {"sqlite": 10.0, "postgresql": 1.0}
 #: shared transactions of write_grouped that may run at once: SQLite has one writer;
 #: PostgreSQL runs several, each on its own connection and backend, and shares the disk
 #: flushes of commits that meet itself. With one at a time, posting there waited on one
 #: round trip after another: 8 MPP clients posted 345 messages/s with 1, 404 with 2,
 #: 452-528 with 4, 591-728 with 8 (bench/mpp.py, 2 cores)
+#: (bench/mpp.py); no more than the transactions allowed at once, as further leaders
+#: would only wait for a turn with a batch of one: with 4 at once, 4 leaders posted 1,715
+#: messages/s where 8 posted 1,490
 GROUP_LEADERS = {"sqlite": 1, "postgresql": 8}
 
 
@@ -86,10 +100,14 @@ class DatabaseUnavailable(Exception):
 class Database:
     """An engine plus the two kinds of short transaction mailsrv uses."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 40):
+    def __init__(self, url: str, *, transactions: int = TRANSACTIONS_AT_ONCE, max_overflow: int = 8):
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
+        self._turns = _Turns(transactions)
+        #: connections the raw transactions keep between uses: as many as run at once
+        self._raw_idle_max = transactions
+        pool_size = transactions  # (the overflow: for the turns' kept connections' churn, migrations)
         kwargs: dict = {"future": True, "pool_pre_ping": self.dialect != "sqlite"}
         if self.dialect == "sqlite":
             database = parsed.database or ""
@@ -113,7 +131,7 @@ class Database:
         self._group: list[_Grouped] = []  # works waiting for write_grouped's next turn
         self._group_lock = threading.Lock()
         self._group_leaders = 0  # shared transactions running now
-        self._group_leaders_max = GROUP_LEADERS.get(self.dialect, 1)
+        self._group_leaders_max = min(GROUP_LEADERS.get(self.dialect, 1), transactions)  # (more would wait for turns)
         #: shared transactions run so far, by how many works each held (tests, metrics)
         self.group_sizes: collections.Counter[int] = collections.Counter()
 
@@ -131,7 +149,7 @@ class Database:
         the next one at once, rather than on SQLite's busy handler, which sleeps.
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         """
-        with self._writer_turn(), self._sessions() as session, session.begin():
+        with self._writer_turn(), self._turn(), self._sessions() as session, session.begin():
             session.connection(execution_options={"mailsrv_write": True, "mailsrv_durable": durable})
             if not durable and self.dialect == "postgresql":
                 session.execute(text("SET LOCAL synchronous_commit TO OFF"))
@@ -140,12 +158,25 @@ class Database:
     @contextmanager
     def write_core(self, durable: bool = True) -> Iterator[Connection]:
         """:meth:`write` on a Core connection (no ORM session): the fast path of the queue."""
-        with self._writer_turn(), self.engine.connect() as connection:
+        with self._writer_turn(), self._turn(), self.engine.connect() as connection:
             connection.execution_options(mailsrv_write=True, mailsrv_durable=durable)
             with connection.begin():
                 if not durable and self.dialect == "postgresql":
                     connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
                 yield connection
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This transaction's turn among those that may run at once. A writer on SQLite
+        takes it once it holds the writer lock, so that writers queued behind a long
+        write (the file locked by another program) hold no turn and reads go on. A
+        transaction opened inside another of the same thread runs in the outer one's turn."""
+        if not self._turns.acquire(TURN_TIMEOUT_SECONDS):
+            raise DatabaseUnavailable("too many transactions waiting for the database")
+        try:
+            yield
+        finally:
+            self._turns.release()
 
     @contextmanager
     def _writer_turn(self) -> Iterator[None]:
@@ -163,7 +194,7 @@ class Database:
     def read(self) -> Iterator[Session]:
         """One read-only transaction (DatabaseUnavailable as for :meth:`write`)."""
         try:
-            with self._sessions() as session, session.begin():
+            with self._turn(), self._sessions() as session, session.begin():
                 yield session
         except UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
@@ -172,7 +203,7 @@ class Database:
     def read_core(self) -> Iterator[Connection]:
         """One read-only transaction on a Core connection: the fast path for hot reads."""
         try:
-            with self.engine.connect() as connection, connection.begin():
+            with self._turn(), self.engine.connect() as connection, connection.begin():
                 yield connection
         except UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
@@ -182,7 +213,7 @@ class Database:
         """:meth:`write` on the driver's own connection (see :class:`Raw`): for the few
         statements on the paths every message or login takes. Errors are raised as
         :meth:`write` raises them: DatabaseUnavailable, or SQLAlchemy's IntegrityError."""
-        with self._writer_turn(), self._raw(write=True, durable=durable) as raw:
+        with self._writer_turn(), self._turn(), self._raw(write=True, durable=durable) as raw:
             yield raw
 
     def write_grouped(self, work: Callable[[Raw], T]) -> T:
@@ -255,7 +286,7 @@ class Database:
     @contextmanager
     def read_raw(self) -> Iterator[Raw]:
         """:meth:`read` on the driver's own connection (see :class:`Raw`)."""
-        with self._raw(write=False, durable=True) as raw:
+        with self._turn(), self._raw(write=False, durable=True) as raw:
             yield raw
 
     @contextmanager
@@ -320,7 +351,7 @@ class Database:
                 return
 
     def _raw_checkin(self, connection) -> None:
-        if len(self._raw_idle) < RAW_IDLE_CONNECTIONS:
+        if len(self._raw_idle) < self._raw_idle_max:
             self._raw_idle.append((connection, time.monotonic()))
         else:
             connection.close()
@@ -359,6 +390,49 @@ class _Grouped:
     def finish(self, result=None, error: BaseException | None = None) -> None:
         self.result, self.error, self.done = result, error, True
         self.wake.set()
+
+
+class _Turns:
+    """At most ``n`` holders at once; a waiter is handed a turn when one ends, in the
+    order the waiters came (no newcomer takes it first, so none waits for long under
+    load). A thread that holds a turn and asks again is given it at once, so a
+    transaction opened inside another can never wait for itself."""
+
+    def __init__(self, n: int):
+        self._free = n
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._held = threading.local()
+
+    def acquire(self, timeout: float) -> bool:
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
+            return True
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                self._held.depth = 1
+                return True
+            handed = threading.Event()
+            self._waiting.append(handed)
+        if not handed.wait(timeout):
+            with self._lock:
+                if handed in self._waiting:  # (else it was handed over as time ran out)
+                    self._waiting.remove(handed)
+                    return False
+        self._held.depth = 1
+        return True
+
+    def release(self) -> None:
+        self._held.depth -= 1
+        if self._held.depth:
+            return
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # the turn goes on, still taken
+            else:
+                self._free += 1
 
 
 class _NoLock:
