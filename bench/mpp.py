@@ -255,6 +255,13 @@ class Postfix:
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], check=False, capture_output=True)
 
 
+def unpinned(processes: int) -> dict:
+    """Several serve processes on this one machine stand for several hosts: each would
+    keep its threads on the same CPU ([server] pin_cpu picks the highest), so they may
+    use every CPU instead."""
+    return {"server": {"pin_cpu": "no"}} if processes > 1 else {}
+
+
 def main(mailsrv_class=None, description: str | None = None) -> None:
     """Run the figures with ``mailsrv_class`` as mailsrv's side (MPP's :class:`Mailsrv`
     unless given: bench/smtp.py gives its SMTP one)."""
@@ -278,12 +285,14 @@ def main(mailsrv_class=None, description: str | None = None) -> None:
         elif len(dbs) > 1:
             for database in dbs:
                 servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=database_label(database),
-                                             database=database, processes=counts[0]))
+                                             database=database, processes=counts[0], **unpinned(counts[0])))
         elif len(counts) > 1:
             for n in counts:
-                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=f"{n} serve", database=dbs[0], processes=n))
+                servers.append(mailsrv_class(temp_folder("bench-mpp-"), name=f"{n} serve", database=dbs[0], processes=n,
+                                             **unpinned(n)))
         elif args.only != "postfix":
-            servers.append(mailsrv_class(temp_folder("bench-mpp-"), database=dbs[0], processes=counts[0]))
+            servers.append(mailsrv_class(temp_folder("bench-mpp-"), database=dbs[0], processes=counts[0],
+                                         **unpinned(counts[0])))
         if args.only != "mailsrv" and not args.against and len(dbs) == 1 and len(counts) == 1:
             servers.append(Postfix(temp_folder("bench-postfix-"), free_port()))
         hold_on_cpu(args.client_cpu)
