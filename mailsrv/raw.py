@@ -66,6 +66,7 @@ class Raw:
     def __init__(self, db: Database, cursor):
         self._db = db
         self._cursor = cursor
+        self.dialect = db.dialect  # "sqlite" or "postgresql", for the few statements that differ
 
     def execute(self, statement, params: dict | list[dict] | None = None) -> RawResult:
         if isinstance(params, list) and len(params) == 1:

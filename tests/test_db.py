@@ -23,7 +23,7 @@ STORE_MODULES = ("directory", "maildrop", "queue", "leases")
 #: statements only ever run on SQLite (read_bodies takes another one on PostgreSQL)
 SQLITE_ONLY = {"maildrop.BODIES_BETWEEN_ONE_ROW"}
 #: and only ever on PostgreSQL
-POSTGRES_ONLY = {"leases.DOMAIN_TURN"}
+POSTGRES_ONLY = {"leases.DOMAIN_TURN", "queue.INSERT_QUEUED_WITH_RECIPIENT"}
 WHEN = datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)
 
 
@@ -75,7 +75,7 @@ class _Rollback(Exception):
 
 def _sample_values(statement, database, ids: dict[str, int]) -> dict:
     """Values for every parameter the statement needs (an INSERT: every column but its id)."""
-    if statement.is_insert and not statement._values:  # (an INSERT whose values are given at execution)
+    if statement.is_insert and not statement._values and statement.select is None:  # (values given at execution)
         columns = [c for c in statement.table.columns if not c.primary_key or statement.table.name in ("maildrop_locks",)]
         names = {c.key: c.type for c in columns}
     else:

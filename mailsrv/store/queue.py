@@ -137,6 +137,24 @@ SETTLE_DUE = (
 )
 INSERT_QUEUED = insert(QueuedMessage).returning(QueuedMessage.id)
 INSERT_RECIPIENT = insert(QueueRecipient)
+_RECIPIENT_COLUMNS = ("recipient", "domain", "state", "attempts", "next_attempt_at", "updated_at")
+_NEW_QUEUED = (
+    insert(QueuedMessage)
+    .values({c: bindparam(c, type_=QueuedMessage.__table__.c[c].type)
+             for c in ("sender", "body", "size", "origin", "account_id", "created_at")})
+    .returning(QueuedMessage.id)
+    .cte("new_queued")
+)
+#: PostgreSQL: a queued message and its first recipient in one statement (one round trip
+#: where two were; on SQLite, where a statement is a function call, the two are kept)
+INSERT_QUEUED_WITH_RECIPIENT = (
+    insert(QueueRecipient)
+    .from_select(
+        ["queue_id", *_RECIPIENT_COLUMNS],
+        select(_NEW_QUEUED.c.id, *(bindparam(c, type_=QueueRecipient.__table__.c[c].type) for c in _RECIPIENT_COLUMNS)),
+    )
+    .returning(QueueRecipient.queue_id)
+)
 QUEUE_BODY = select(QueuedMessage.body).where(QueuedMessage.id == bindparam("queue_id"))
 #: recipients of a queued message that are not done with yet
 PENDING_RECIPIENTS = select(func.count(QueueRecipient.id)).where(
@@ -161,17 +179,23 @@ def enqueue_in(
     """Insert a queued message and its recipients inside the caller's transaction; those
     in ``delivered`` are recorded as delivered (``body`` is then what is kept of a message
     of ``size`` octets). Returns the queue id."""
-    queue_id = raw.execute(
-        INSERT_QUEUED,
-        {"sender": sender, "body": body, "size": len(body) if size is None else size, "origin": origin,
-         "account_id": account_id, "created_at": now},
-    ).scalar_one()
-    rows = recipient_rows(queue_id, recipients, now)
+    message = {"sender": sender, "body": body, "size": len(body) if size is None else size, "origin": origin,
+               "account_id": account_id, "created_at": now}
+    rows = recipient_rows(0, recipients, now)
     done = set(delivered)
     for row in rows:
         if row["recipient"] in done:
             row["state"] = State.DELIVERED
-    raw.execute(INSERT_RECIPIENT, rows)
+    if raw.dialect == "postgresql":
+        first = {c: rows[0][c] for c in _RECIPIENT_COLUMNS}
+        queue_id = raw.execute(INSERT_QUEUED_WITH_RECIPIENT, {**message, **first}).scalar_one()
+        rows = rows[1:]
+    else:
+        queue_id = raw.execute(INSERT_QUEUED, message).scalar_one()
+    for row in rows:
+        row["queue_id"] = queue_id
+    if rows:
+        raw.execute(INSERT_RECIPIENT, rows)
     return queue_id
 
 
