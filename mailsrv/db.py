@@ -79,12 +79,11 @@ TURN_TIMEOUT_SECONDS = 30.0
 RAW_IDLE_SECONDS = {"sqlite": 10.0, "postgresql": 1.0}
 #: shared transactions of write_grouped that may run at once: SQLite has one writer;
 #: PostgreSQL runs several, each on its own connection and backend, and shares the disk
-#: flushes of commits that meet itself. With one at a time, posting there waited on one
-#: round trip after another: 8 MPP clients posted 345 messages/s with 1, 404 with 2,
-#: 452-528 with 4, 591-728 with 8 (bench/mpp.py, 2 cores)
-#: (bench/mpp.py); no more than the transactions allowed at once, as further leaders
-#: would only wait for a turn with a batch of one: with 4 at once, 4 leaders posted 1,715
-#: messages/s where 8 posted 1,490
+#: flushes of commits that meet itself. With one at a time, posting there waits on one
+#: round trip after another: 8 MPP clients posted 1,308 messages/s with 1 and 1,590 with
+#: 4 (bench/mpp.py --against, 2 cores). No more than the transactions allowed at once:
+#: further leaders would only wait for a turn with a batch of one (with 4 at once, 4
+#: leaders posted 1,715 messages/s where 8 posted 1,490)
 GROUP_LEADERS = {"sqlite": 1, "postgresql": 8}
 
 

@@ -5,8 +5,7 @@ Revises: 0004
 Create Date: 2026-12-02
 
 pglz, PostgreSQL's default, cost the server about 230 us of CPU for each 10 KB message
-stored; lz4 about 90 (posting on PostgreSQL went from 0.52x to about 0.6x SQLite's rate,
-bench/mpp.py). Bodies already stored keep their compression: a value is decompressed by
+stored; lz4 about 90. Bodies already stored keep their compression: a value is decompressed by
 the method it was written with. SQLite: nothing to do.
 """
 
