@@ -59,21 +59,28 @@ def test_sqlite_pragmas(database):
         assert s.connection().exec_driver_sql("PRAGMA busy_timeout").scalar() == dbmod.SQLITE_BUSY_TIMEOUT_MS
 
 
-def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
-    """A database made by revision 0001 migrates with its messages, and rows without
-    dot_offsets are byte-stuffed by scanning."""
+def database_at(db_url: str, revision: str) -> dbmod.Database:
+    """A database of ``db_url`` migrated only as far as ``revision``."""
     from alembic import command
-    from sqlalchemy import text as sql
-
-    from mailsrv.message import dot_stuff, dot_stuff_parts
-    from mailsrv.store import Store
 
     database = dbmod.Database(db_url)
     cfg = dbmod.alembic_config(database)
     with database.engine.connect() as connection:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "0001")
+        command.upgrade(cfg, revision)
         connection.commit()
+    return database
+
+
+def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
+    """A database made by revision 0001 migrates with its messages, and rows without
+    dot_offsets are byte-stuffed by scanning."""
+    from sqlalchemy import text as sql
+
+    from mailsrv.message import dot_stuff, dot_stuff_parts
+    from mailsrv.store import Store
+
+    database = database_at(db_url, "0001")
     with database.write() as s:
         s.execute(sql("INSERT INTO domains (name, kind, created_at) VALUES ('example.org', 'local', CURRENT_TIMESTAMP)"))
         s.execute(sql("INSERT INTO accounts (address, domain_id, password_hash, enabled, created_at) VALUES ('ann@example.org', 1, 'x', :t, CURRENT_TIMESTAMP)"), {"t": True})
@@ -100,17 +107,11 @@ def test_postgresql_bodies_are_lz4_and_those_stored_before_still_read(db_url):
     written before keep pglz, and both read back as they were stored."""
     import random
 
-    from alembic import command
     from sqlalchemy import text as sql
 
     from mailsrv.store import Store
 
-    database = dbmod.Database(db_url)
-    cfg = dbmod.alembic_config(database)
-    with database.engine.connect() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "0004")
-        connection.commit()
+    database = database_at(db_url, "0004")
     store = Store(database)
     store.directory.add_domain("example.org")
     account = store.directory.add_account("ann@example.org", "x").id
