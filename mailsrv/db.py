@@ -66,9 +66,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 #: others wait their turn, in the order they came (:class:`_Turns`), and the pool keeps as
 #: many connections open, so none is opened or closed under load. Unbounded, a soak of
 #: 120 sessions (bench/soak.py, 2 cores) had more transactions in flight than the pool
-#: kept connections for (14): on PostgreSQL the pool opened and closed 35 connections a second (each a new server process, its
-#: statements prepared again), and every thread woken by its database reply fought the
-#: others for the interpreter lock. Per message accepted, unbounded / 16 / 4 at once:
+#: kept connections for (14): on PostgreSQL the pool opened and closed 35 connections a
+#: second (each a new server process, its statements prepared again), and every thread
+#: woken by its database reply fought the others for the interpreter lock. Per message accepted, unbounded / 16 / 4 at once:
 #: PostgreSQL 430 / 600 / 1,170 messages/s, the database server's CPU 1.8 / 0.8 / 0.4 ms,
 #: mailsrv's 1.9 / 1.7 / 0.8 ms; SQLite 970 / 1,320 / 1,910 messages/s
 TRANSACTIONS_AT_ONCE = 4
@@ -106,7 +106,9 @@ class Database:
         self._turns = _Turns(transactions)
         #: connections the raw transactions keep between uses: as many as run at once
         self._raw_idle_max = transactions
-        pool_size = transactions  # (the overflow: for the turns' kept connections' churn, migrations)
+        # (max_overflow: for a Core transaction while the raw path keeps every connection it
+        # may, and for what runs outside the turns, such as migrations)
+        pool_size = transactions
         kwargs: dict = {"future": True, "pool_pre_ping": self.dialect != "sqlite"}
         if self.dialect == "sqlite":
             database = parsed.database or ""

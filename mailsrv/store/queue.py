@@ -186,7 +186,7 @@ def enqueue_in(
     for row in rows:
         if row["recipient"] in done:
             row["state"] = State.DELIVERED
-    if raw.dialect == "postgresql":
+    if raw.dialect == "postgresql" and rows:
         first = {c: rows[0][c] for c in _RECIPIENT_COLUMNS}
         queue_id = raw.execute(INSERT_QUEUED_WITH_RECIPIENT, {**message, **first}).scalar_one()
         rows = rows[1:]
