@@ -65,15 +65,17 @@ def insert_message(raw, account_id: int, body: bytes, sender: str, received_at: 
     ends are stored as CRLF and a missing final line end is added, so ``size`` is what
     RETR sends; the offsets of its "." lines are kept for byte-stuffing. ``received_at``
     and ``seen`` are for mail brought along from elsewhere (``mailsrv mailbox import``)."""
+    return raw.execute(INSERT_MESSAGE, message_row(account_id, body, sender, received_at, seen)).scalar_one()
+
+
+def message_row(account_id: int, body: bytes, sender: str, received_at: datetime | None = None,
+                seen: bool = False) -> dict:
+    """The values of a mailbox's new row for this message (see :func:`insert_message`)."""
     body = to_crlf(body)
-    return raw.execute(
-        INSERT_MESSAGE,
-        {
-            "account_id": account_id, "uid": new_uid(), "sender": sender, "size": len(body), "body": body,
-            "dot_offsets": encode_offsets(dot_line_offsets(body)), "received_at": received_at or utcnow(),
-            "seen": seen,
-        },
-    ).scalar_one()
+    return {
+        "account_id": account_id, "uid": new_uid(), "sender": sender, "size": len(body), "body": body,
+        "dot_offsets": encode_offsets(dot_line_offsets(body)), "received_at": received_at or utcnow(), "seen": seen,
+    }
 
 
 def _snapshot_in(raw, account_id: int) -> list[MessageInfo]:

@@ -19,10 +19,10 @@ from enum import StrEnum
 from sqlalchemy import bindparam, func, insert, select, update
 
 from ..db import Database
-from ..models import Domain, QueuedMessage, QueueRecipient, State, utcnow
+from ..models import Domain, Message, QueuedMessage, QueueRecipient, State, utcnow
 from .common import DONE, Refused, domain_of, header_of, split_address
 from .directory import Resolver
-from .maildrop import insert_message
+from .maildrop import insert_message, message_row
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,22 @@ INSERT_QUEUED_WITH_RECIPIENT = (
         select(_NEW_QUEUED.c.id, *(bindparam(c, type_=QueueRecipient.__table__.c[c].type) for c in _RECIPIENT_COLUMNS)),
     )
     .returning(QueueRecipient.queue_id)
+)
+#: PostgreSQL: the whole of the commonest post, one message to one local user delivered at
+#: once, in one statement: the queue row (its header), its recipient as delivered, and the
+#: mailbox copy. The mailbox row's values are named ``message_*`` (``message_account_id``
+#: is the mailbox's owner; ``account_id`` the poster's, as in the queue row).
+_MESSAGE_COLUMNS = ("account_id", "uid", "sender", "size", "body", "dot_offsets", "received_at", "seen")
+_COPY_INTO_MAILBOX = (
+    insert(Message)
+    .values({c: bindparam(f"message_{c}", type_=Message.__table__.c[c].type) for c in _MESSAGE_COLUMNS})
+    .returning(Message.id)
+    .cte("mailbox_copy")
+)
+POST_DELIVERED = (
+    select(_NEW_QUEUED.c.id)
+    .add_cte(INSERT_QUEUED_WITH_RECIPIENT.returning(QueueRecipient.id).cte("queued_recipient"))
+    .add_cte(_COPY_INTO_MAILBOX)
 )
 QUEUE_BODY = select(QueuedMessage.body).where(QueuedMessage.id == bindparam("queue_id"))
 #: recipients of a queued message that are not done with yet
@@ -306,6 +322,15 @@ class Queue:
                 delivered = [o for o in decide(claimed, Resolver(raw)) if o.action == Action.DELIVER]
             kept = body if len(delivered) < len(unique) else header_of(body)
             done = [o.claimed.recipient for o in delivered]
+            if raw.dialect == "postgresql" and len(unique) == len(delivered) == 1:  # one round trip
+                copy = message_row(delivered[0].account_id, local_copy(delivered[0], body), sender)
+                first = recipient_rows(0, unique, now)[0]
+                first["state"] = State.DELIVERED
+                return raw.execute(POST_DELIVERED, {
+                    "sender": sender, "body": kept, "size": len(body), "origin": origin, "account_id": account_id,
+                    "created_at": now, **{c: first[c] for c in _RECIPIENT_COLUMNS},
+                    **{f"message_{c}": v for c, v in copy.items()},
+                }).scalar_one(), 0
             queue_id = enqueue_in(raw, sender, kept, unique, origin, account_id, now, done, len(body))
             for outcome in delivered:
                 insert_message(raw, outcome.account_id, local_copy(outcome, body), sender)
