@@ -68,9 +68,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 #: 120 sessions (bench/soak.py, 2 cores) had more transactions in flight than the pool
 #: kept connections for (14): on PostgreSQL the pool opened and closed 35 connections a
 #: second (each a new server process, its statements prepared again), and every thread
-#: woken by its database reply fought the others for the interpreter lock. Per message accepted, unbounded / 16 / 4 at once:
-#: PostgreSQL 430 / 600 / 1,170 messages/s, the database server's CPU 1.8 / 0.8 / 0.4 ms,
-#: mailsrv's 1.9 / 1.7 / 0.8 ms; SQLite 970 / 1,320 / 1,910 messages/s
+#: woken by its database reply fought the others for the interpreter lock. Per message
+#: accepted, unbounded / 16 / 4 at once: PostgreSQL 430 / 600 / 1,170 messages/s, the
+#: database server's CPU 1.8 / 0.8 / 0.4 ms, mailsrv's 1.9 / 1.7 / 0.8 ms; SQLite 970 /
+#: 1,320 / 1,910 messages/s
 TRANSACTIONS_AT_ONCE = 4
 #: how long a transaction waits for its turn before the database counts as unavailable
 TURN_TIMEOUT_SECONDS = 30.0

@@ -137,11 +137,11 @@ SETTLE_DUE = (
 )
 INSERT_QUEUED = insert(QueuedMessage).returning(QueuedMessage.id)
 INSERT_RECIPIENT = insert(QueueRecipient)
+_QUEUED_COLUMNS = ("sender", "body", "size", "origin", "account_id", "created_at")
 _RECIPIENT_COLUMNS = ("recipient", "domain", "state", "attempts", "next_attempt_at", "updated_at")
 _NEW_QUEUED = (
     insert(QueuedMessage)
-    .values({c: bindparam(c, type_=QueuedMessage.__table__.c[c].type)
-             for c in ("sender", "body", "size", "origin", "account_id", "created_at")})
+    .values({c: bindparam(c, type_=QueuedMessage.__table__.c[c].type) for c in _QUEUED_COLUMNS})
     .returning(QueuedMessage.id)
     .cte("new_queued")
 )
@@ -195,17 +195,9 @@ def enqueue_in(
     """Insert a queued message and its recipients inside the caller's transaction; those
     in ``delivered`` are recorded as delivered (``body`` is then what is kept of a message
     of ``size`` octets). Returns the queue id."""
-    message = {"sender": sender, "body": body, "size": len(body) if size is None else size, "origin": origin,
-               "account_id": account_id, "created_at": now}
-    rows = recipient_rows(0, recipients, now)
-    done = set(delivered)
-    for row in rows:
-        if row["recipient"] in done:
-            row["state"] = State.DELIVERED
+    message, rows = queued_rows(sender, body, recipients, origin, account_id, now, delivered, size)
     if raw.dialect == "postgresql" and rows:
-        first = {c: rows[0][c] for c in _RECIPIENT_COLUMNS}
-        queue_id = raw.execute(INSERT_QUEUED_WITH_RECIPIENT, {**message, **first}).scalar_one()
-        rows = rows[1:]
+        queue_id = raw.execute(INSERT_QUEUED_WITH_RECIPIENT, {**message, **rows.pop(0)}).scalar_one()
     else:
         queue_id = raw.execute(INSERT_QUEUED, message).scalar_one()
     for row in rows:
@@ -213,6 +205,22 @@ def enqueue_in(
     if rows:
         raw.execute(INSERT_RECIPIENT, rows)
     return queue_id
+
+
+def queued_rows(
+    sender: str, body: bytes, recipients: Sequence[str], origin: str, account_id: int | None, now: datetime,
+    delivered: Iterable[str] = (), size: int | None = None,
+) -> tuple[dict, list[dict]]:
+    """The values of a queued message's row and of its recipients' rows (without their
+    ``queue_id``), those in ``delivered`` recorded as delivered."""
+    message = {"sender": sender, "body": body, "size": len(body) if size is None else size, "origin": origin,
+               "account_id": account_id, "created_at": now}
+    done = set(delivered)
+    rows = [{c: row[c] for c in _RECIPIENT_COLUMNS} for row in recipient_rows(0, recipients, now)]
+    for row in rows:
+        if row["recipient"] in done:
+            row["state"] = State.DELIVERED
+    return message, rows
 
 
 def needing_body(outcomes: Iterable[Outcome]) -> set[int]:
@@ -323,13 +331,10 @@ class Queue:
             kept = body if len(delivered) < len(unique) else header_of(body)
             done = [o.claimed.recipient for o in delivered]
             if raw.dialect == "postgresql" and len(unique) == len(delivered) == 1:  # one round trip
+                message, (recipient,) = queued_rows(sender, kept, unique, origin, account_id, now, done, len(body))
                 copy = message_row(delivered[0].account_id, local_copy(delivered[0], body), sender)
-                first = recipient_rows(0, unique, now)[0]
-                first["state"] = State.DELIVERED
                 return raw.execute(POST_DELIVERED, {
-                    "sender": sender, "body": kept, "size": len(body), "origin": origin, "account_id": account_id,
-                    "created_at": now, **{c: first[c] for c in _RECIPIENT_COLUMNS},
-                    **{f"message_{c}": v for c, v in copy.items()},
+                    **message, **recipient, **{f"message_{c}": v for c, v in copy.items()},
                 }).scalar_one(), 0
             queue_id = enqueue_in(raw, sender, kept, unique, origin, account_id, now, done, len(body))
             for outcome in delivered:
