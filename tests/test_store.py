@@ -263,10 +263,10 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, mon
 
 
 def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):
-    """On PostgreSQL GROUP_LEADERS shared transactions run at once (one fewer than the
-    transactions allowed at once, at most), each on a connection of its own: that many works meet
-    inside their transactions (one at a time, the barrier would break), and one more
-    waits for a lead and shares the next."""
+    """On PostgreSQL GROUP_LEADERS shared transactions run at once (at most one fewer
+    than the transactions allowed at once), each on a connection of its own: that many
+    works meet inside their transactions (one at a time, the barrier would break), and
+    one more waits for a lead and shares the next."""
     import threading
 
     from mailsrv import db as dbmod

@@ -15,10 +15,9 @@ from mailsrv.db import DatabaseUnavailable, _Turns
 def test_turns_are_handed_on_in_the_order_asked():
     turns = _Turns(1)
     assert turns.acquire(1)
-    order, asked = [], []
+    order = []
 
     def wait(n: int) -> None:
-        asked.append(n)
         assert turns.acquire(10)
         order.append(n)
         turns.release()
