@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
@@ -223,9 +223,16 @@ class Database:
         with self._writer_turn(), self._turn(), self._raw(write=True, durable=durable) as raw:
             yield raw
 
-    def write_grouped(self, work: Callable[[Raw], T]) -> T:
+    def write_grouped(
+        self, work: Callable[[Raw], T], prime: tuple[Callable[[Raw, list], None], Any] | None = None
+    ) -> T:
         """Run ``work(raw)`` in a durable :meth:`write_raw` transaction, sharing it with
         whatever other threads asked at the same time (group commit); return its result.
+        ``prime``, a (function, value) pair, reads ahead what the work will read: before
+        the works of one transaction run, each function is called once, with the
+        transaction and the values of all the works that gave it (so that what each would
+        read alone, in a round trip of its own, is read in one; it leaves what it read in
+        ``raw.memo``). A work must give the same result with or without its prime.
 
         A thread leads when fewer than GROUP_LEADERS do (on SQLite: when none does): it
         runs every work waiting in one transaction. When it is done, the works that came
@@ -237,7 +244,7 @@ class Database:
         fails other than by the database being unavailable, each of its works is run
         again alone, so that one failing work never fails another.
         """
-        item = _Grouped(work)
+        item = _Grouped(work, prime)
         with self._group_lock:
             if self._group_leaders < self._group_leaders_max:
                 self._group_leaders += 1
@@ -269,6 +276,12 @@ class Database:
         self.group_sizes[len(batch)] += 1
         try:
             with self.write_raw() as raw:
+                primes: dict[Callable, list] = {}
+                for item in batch:
+                    if item.prime is not None:
+                        primes.setdefault(item.prime[0], []).append(item.prime[1])
+                for function, values in primes.items():
+                    function(raw, values)
                 results = [item.work(raw) for item in batch]
         except DatabaseUnavailable as exc:
             for item in batch:
@@ -384,10 +397,11 @@ T = TypeVar("T")
 class _Grouped:
     """One work of :meth:`Database.write_grouped`, and what became of it."""
 
-    __slots__ = ("work", "wake", "batch", "done", "result", "error")
+    __slots__ = ("work", "prime", "wake", "batch", "done", "result", "error")
 
-    def __init__(self, work):
+    def __init__(self, work, prime=None):
         self.work = work
+        self.prime = prime
         self.wake = threading.Event()  # set when done, or when handed a batch to lead
         self.batch: list[_Grouped] | None = None  # the works it leads (itself among them)
         self.done = False

@@ -67,6 +67,9 @@ class Raw:
         self._db = db
         self._cursor = cursor
         self.dialect = db.dialect  # "sqlite" or "postgresql", for the few statements that differ
+        #: what was read earlier in this transaction and may be used again in it, by key
+        #: (the routes a group of posts reads at once: ``directory.read_routes``)
+        self.memo: dict = {}
 
     def execute(self, statement, params: dict | list[dict] | None = None) -> RawResult:
         if isinstance(params, list) and len(params) == 1:

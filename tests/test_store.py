@@ -189,6 +189,27 @@ def insert_queued(raw, i: int) -> int:
     }).scalar_one()
 
 
+def test_routes_read_ahead_are_the_routes_read_one_by_one(store, database, accounts, db_url):
+    """PostgreSQL reads the routes of a group of posts in one statement (read_routes):
+    each is then what resolving it alone gives, and resolving reads nothing more."""
+    from mailsrv.store.directory import Resolver, read_routes
+
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite reads each route with a function call")
+    store.directory.add_domain("customer.example", kind="odmr")
+    store.directory.add_alias("sales@example.org", "bob@example.org")
+    addresses = ["ann@example.org", "sales@example.org", "nobody@example.org", "x@customer.example",
+                 "x@elsewhere.example", "bob@example.org"]
+    with database.read_raw() as raw:
+        alone = [Resolver(raw).resolve(a) for a in addresses]
+    with database.read_raw() as raw:
+        read_routes(raw, [addresses[:3], addresses[2:]])
+        raw.execute = None  # (resolving from what was read ahead runs no statement)
+        ahead = [Resolver(raw).resolve(a.upper()) for a in addresses]
+    assert ahead == alone
+    assert [r.route.value for r in alone] == ["account", "alias", "unknown", "odmr", "remote", "account"]
+
+
 def test_grouped_writes_commit_together_and_fail_alone(database):
     """Database.write_grouped from many threads at once: every work's own result, all
     committed, and a work that raises fails alone, the others still committed."""
@@ -228,27 +249,36 @@ def test_grouped_writes_commit_together_and_fail_alone(database):
 def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, monkeypatch):
     """Group commit: while one post's transaction runs, the 15 that arrive meanwhile wait
     and are then committed together, in one transaction (not 15). (One shared transaction
-    at a time, as on SQLite; PostgreSQL's several are the next test's.)"""
+    at a time, as on SQLite; PostgreSQL's several are the next test's.) What they read
+    ahead (their ``prime``) is read once for the 15, before their works, which find it."""
     import threading
 
     monkeypatch.setattr(database, "_group_leaders_max", 1)
 
     others_waiting = threading.Event()
+    primed: list[list[int]] = []
+
+    def read_ahead(raw, values: list[int]) -> None:
+        primed.append(sorted(values))
+        raw.memo.update({("read ahead", v): True for v in values})
 
     def queued(i: int):
         def work(raw):
             if i == 0:  # the first leads; it holds its transaction until the others wait
                 assert others_waiting.wait(30)
+            assert ("read ahead", i) in raw.memo
             return insert_queued(raw, i)
         return work
 
+    def post(i: int) -> None:
+        results[i] = database.write_grouped(queued(i), (read_ahead, i))
+
     results: dict[int, int] = {}
-    first = threading.Thread(target=lambda: results.__setitem__(0, database.write_grouped(queued(0))))
+    first = threading.Thread(target=post, args=(0,))
     first.start()
     while not database._group_leaders:  # until it leads
         threading.Event().wait(0.001)
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, database.write_grouped(queued(i))))
-               for i in range(1, 16)]
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(1, 16)]
     for t in threads:
         t.start()
     while not others_waiting.is_set() and first.is_alive():  # until all 15 are queued behind it
@@ -260,6 +290,7 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, mon
         t.join(60)
     assert sorted(results) == list(range(16)) and len(set(results.values())) == 16
     assert database.group_sizes == {1: 1, 15: 1}  # two transactions: the leader's, then the 15
+    assert primed == [[0], list(range(1, 16))]
 
 
 def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import ARRAY, String, bindparam, delete, func, insert, select, update
 
 from ..db import Database
 from ..models import (
@@ -44,6 +44,19 @@ ROUTE_OF = (
     .outerjoin(Alias, Alias.address == bindparam("address"))
     .where(Domain.name == bindparam("name"))
 )
+#: (Raw, PostgreSQL) :data:`ROUTE_OF` for many addresses at once (given with their
+#: domains, in the same order), each row led by its address: a group of posts reads
+#: every route it needs in one round trip (:func:`read_routes`)
+_WANTED = func.unnest(
+    bindparam("addresses", type_=ARRAY(String)), bindparam("names", type_=ARRAY(String))
+).table_valued("address", "name").render_derived(name="wanted")
+ROUTES_OF = (
+    select(_WANTED.c.address, Domain.kind, *ACCOUNT_COLUMNS, Alias.target)
+    .select_from(_WANTED)
+    .join(Domain, Domain.name == _WANTED.c.name)
+    .outerjoin(Account, Account.address == _WANTED.c.address)
+    .outerjoin(Alias, Alias.address == _WANTED.c.address)
+)
 MAILBOX_USAGE = select(func.count(Message.id), func.coalesce(func.sum(Message.size), 0)).where(
     Message.account_id == bindparam("account")
 )
@@ -66,9 +79,22 @@ class Resolution:
     target: str = ""
 
 
+def read_routes(raw, groups: list[list[str]]) -> None:
+    """Read the routes of every address in ``groups`` (lists of addresses, lower case) in
+    one statement, into the transaction's memo, where :meth:`Resolver.resolve` finds them:
+    the ``prime`` of a group of posts (:meth:`Database.write_grouped`). PostgreSQL only."""
+    wanted = list(dict.fromkeys(a for group in groups for a in group))
+    found = {row[0]: row[1:] for row in raw.execute(
+        ROUTES_OF, {"addresses": wanted, "names": [a.rpartition("@")[2] for a in wanted]}
+    )}
+    for address in wanted:
+        raw.memo[("route", address)] = found.get(address)
+
+
 class Resolver:
     """Directory reads inside a transaction the caller holds (a :class:`~mailsrv.raw.Raw`):
-    delivery decides a whole batch on one."""
+    delivery decides a whole batch on one. A route already read in that transaction
+    (:func:`read_routes`) is not read again."""
 
     def __init__(self, raw):
         self.raw = raw
@@ -76,7 +102,11 @@ class Resolver:
     def resolve(self, address: str) -> Resolution:
         """Where mail for ``address`` goes: an account, an alias, an ODMR domain, elsewhere."""
         address = address.strip().lower()
-        row = self.raw.execute(ROUTE_OF, {"address": address, "name": address.rpartition("@")[2]}).first()
+        key = ("route", address)
+        if key in self.raw.memo:
+            row = self.raw.memo[key]
+        else:
+            row = self.raw.execute(ROUTE_OF, {"address": address, "name": address.rpartition("@")[2]}).first()
         if row is None:
             return Resolution(Route.REMOTE)
         if row[0] == "odmr":
