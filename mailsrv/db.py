@@ -80,15 +80,20 @@ TURN_TIMEOUT_SECONDS = 30.0
 RAW_IDLE_SECONDS = {"sqlite": 10.0, "postgresql": 1.0}
 #: shared transactions of write_grouped that may run at once: SQLite has one writer;
 #: PostgreSQL runs several, each on its own connection and backend, and shares the disk
-#: flushes of commits that meet itself. With one at a time, posting there waits on one
-#: round trip after another: 8 MPP clients posted 1,308 messages/s with 1 and 1,590 with
-#: 4 (bench/mpp.py --against, 2 cores). Fewer than the transactions allowed at once:
-#: further leaders would only wait for a turn with a batch of one (with 4 at once, 4
-#: leaders posted 1,715 messages/s where 8 posted 1,490), and with as many leaders as
-#: turns, post batches held every turn and POP3 sessions waited behind them; with one
-#: turn fewer (3), the soak's readers got through a third more sessions (p50 525 ms, was
-#: 713) and posting alone was as fast
+#: flushes of commits that meet itself. Fewer than the transactions allowed at once, so
+#: that post batches never hold every turn and POP3 sessions need not wait behind them
+#: (with one turn fewer, the soak's readers got through a third more sessions)
 GROUP_LEADERS = {"sqlite": 1, "postgresql": 8}
+#: while a shared transaction runs, a post waits to share the next one; only when this
+#: many wait does another start beside it (up to GROUP_LEADERS). Each shared transaction
+#: runs its posts one round trip after another, so running several side by side is
+#: faster when many post at once, but each then holds fewer posts, and every transaction
+#: costs its BEGIN, COMMIT and flush in mailsrv and in the database. With 8 MPP clients
+#: on PostgreSQL (bench/mpp.py, 2 cores), starting another whenever fewer than 3 ran gave
+#: 1.6 posts a transaction and about 1,650 posts/s; never more than one, 4 posts a
+#: transaction and about 1,800/s, but the soak then accepted 810 messages/s where it
+#: had 1,220; starting another once 4 wait, about 1,900/s and 1,260/s
+GROUP_FULL = 4
 
 
 class DatabaseUnavailable(Exception):
@@ -234,19 +239,25 @@ class Database:
         read alone, in a round trip of its own, is read in one; it leaves what it read in
         ``raw.memo``). A work must give the same result with or without its prime.
 
-        A thread leads when fewer than GROUP_LEADERS do (on SQLite: when none does): it
-        runs every work waiting in one transaction. When it is done, the works that came
-        meanwhile are handed, as one batch, to the first of them, which leads the next
-        transaction (so no thread waits for others' posts after its own is committed).
-        So under load each message costs its own statements but a share of one BEGIN,
-        COMMIT and disk flush, and the writers no longer take turns on the write lock one
-        by one. ``work`` must touch nothing but the transaction: if a shared transaction
-        fails other than by the database being unavailable, each of its works is run
-        again alone, so that one failing work never fails another.
+        A thread leads when no shared transaction runs, or when GROUP_FULL works wait
+        and fewer than GROUP_LEADERS run (on SQLite: only when none runs): it runs every
+        work waiting in one transaction. When it is done, the works that came meanwhile
+        are handed, as one batch, to the first of them, which leads the next transaction
+        (so no thread waits for others' posts after its own is committed). On PostgreSQL
+        they are handed on once the works have run, before the COMMIT, so that the next
+        batch's statements overlap this one's commit (on SQLite, where one transaction
+        writes at a time, the next would only wait). So under load each message costs its
+        own statements but a share of one BEGIN, COMMIT and disk flush, and the writers no
+        longer take turns on the write lock one by one. ``work`` must touch nothing but
+        the transaction: if a shared transaction fails other than by the database being
+        unavailable, each of its works is run again alone, so that one failing work never
+        fails another.
         """
         item = _Grouped(work, prime)
         with self._group_lock:
-            if self._group_leaders < self._group_leaders_max:
+            if self._group_leaders == 0 or (
+                len(self._group) + 1 >= GROUP_FULL and self._group_leaders < self._group_leaders_max
+            ):
                 self._group_leaders += 1
                 item.batch, self._group = [*self._group, item], []
             else:
@@ -255,24 +266,35 @@ class Database:
             item.wake.wait()  # done by a leader, or handed a batch to lead
         if item.batch is not None:
             batch = item.batch
-            try:
-                self._run_group(batch)
-            finally:
-                for other in batch:  # only if _run_group was interrupted
-                    if not other.done:
-                        other.finish(error=DatabaseUnavailable("interrupted"))
-                with self._group_lock:  # the lead, with what waits, to the first waiting
+            handed_on = []
+
+            def hand_on() -> None:  # the lead, with what waits, to the first waiting
+                if handed_on:
+                    return
+                handed_on.append(True)
+                with self._group_lock:
                     if self._group:
                         following = self._group[0]
                         following.batch, self._group = self._group, []
                         following.wake.set()
                     else:
                         self._group_leaders -= 1
+
+            try:
+                self._run_group(batch, hand_on)
+            finally:
+                for other in batch:  # only if _run_group was interrupted
+                    if not other.done:
+                        other.finish(error=DatabaseUnavailable("interrupted"))
+                hand_on()
         if item.error is not None:
             raise item.error
         return item.result
 
-    def _run_group(self, batch: list[_Grouped]) -> None:
+    def _run_group(self, batch: list[_Grouped], hand_on: Callable[[], None]) -> None:
+        """Run a batch in one transaction; on PostgreSQL, call ``hand_on`` once its works
+        have run (before the COMMIT), and if it fails, before its works are run again
+        alone (write_grouped calls it at the end if it has not been called)."""
         self.group_sizes[len(batch)] += 1
         try:
             with self.write_raw() as raw:
@@ -283,6 +305,8 @@ class Database:
                 for function, values in primes.items():
                     function(raw, values)
                 results = [item.work(raw) for item in batch]
+                if self.dialect != "sqlite":  # (SQLite writes one transaction at a time)
+                    hand_on()
         except DatabaseUnavailable as exc:
             for item in batch:
                 item.finish(error=exc)
@@ -291,6 +315,7 @@ class Database:
             if len(batch) == 1:
                 batch[0].finish(error=exc)
                 return
+            hand_on()
             for item in batch:  # alone, so that only the failing one fails
                 try:
                     with self.write_raw() as raw:

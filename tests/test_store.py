@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from sqlalchemy import text
@@ -294,10 +295,11 @@ def test_posts_waiting_while_a_transaction_runs_share_the_next_one(database, mon
 
 
 def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):
-    """On PostgreSQL GROUP_LEADERS shared transactions run at once (at most one fewer
-    than the transactions allowed at once), each on a connection of its own: that many
-    works meet inside their transactions (one at a time, the barrier would break), and
-    one more waits for a lead and shares the next."""
+    """On PostgreSQL, while a shared transaction runs, posts wait to share the next one
+    until GROUP_FULL wait: those then start another beside it, up to GROUP_LEADERS at once
+    (one fewer than the transactions allowed at once), each on a connection of its own.
+    So that many batches meet inside their transactions (one at a time, the barrier would
+    break), and once every lead is taken the next post waits however many wait."""
     import threading
 
     from mailsrv import db as dbmod
@@ -307,38 +309,58 @@ def test_shared_transactions_run_side_by_side_on_postgresql(database, db_url):
         pytest.skip("SQLite has one writer: one shared transaction at a time")
     leaders = database._group_leaders_max
     assert leaders == min(dbmod.GROUP_LEADERS["postgresql"], dbmod.TRANSACTIONS_AT_ONCE - 1) > 1
+    full = dbmod.GROUP_FULL
     inside = threading.Barrier(leaders, timeout=30)
     release = threading.Event()
+    firsts = {0, *(1 + full * k for k in range(leaders - 1))}  # the first work of each batch
 
     def queued(i: int):
         def work(raw):
             queue_id = insert_queued(raw, i)
-            if i < leaders:
-                inside.wait()  # every leader inside its own transaction at once
+            if i in firsts:
+                inside.wait()  # every batch inside its own transaction at once
                 assert release.wait(30)
             return queue_id
         return work
 
-    results: dict[int, int] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, database.write_grouped(queued(i))))
-               for i in range(leaders)]
-    for t in threads:
-        t.start()
-    while database._group_leaders < leaders:
-        threading.Event().wait(0.001)
-    late = threading.Thread(target=lambda: results.__setitem__(leaders, database.write_grouped(queued(leaders))))
-    late.start()
-    while True:  # the late one waits: every lead is taken
+    def waiting() -> int:
         with database._group_lock:
-            if len(database._group) == 1:
-                break
-        threading.Event().wait(0.001)
+            return len(database._group)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            threading.Event().wait(0.001)
+        assert condition()
+
+    results: dict[int, int] = {}
+    threads: list[threading.Thread] = []
+
+    def post(i: int) -> None:
+        thread = threading.Thread(target=lambda: results.__setitem__(i, database.write_grouped(queued(i))))
+        threads.append(thread)
+        thread.start()
+
+    post(0)  # none runs: it leads at once
+    until(lambda: database._group_leaders == 1)
+    for k in range(leaders - 1):
+        for j in range(full - 1):  # these wait for the running one
+            post(1 + full * k + j)
+            until(lambda j=j, k=k: waiting() == j + 1 and database._group_leaders == k + 1)
+        post(full * (k + 1))  # the one that makes GROUP_FULL: they start another
+        until(lambda k=k: waiting() == 0 and database._group_leaders == k + 2)
+    late = 1 + full * (leaders - 1)
+    for j in range(full + 1):  # every lead is taken: these wait, however many
+        post(late + j)
+        until(lambda j=j: waiting() == j + 1)
+    assert database._group_leaders == leaders
     release.set()
-    for t in (*threads, late):
+    for t in threads:
         t.join(60)
+    total = late + full + 1
     assert not inside.broken
-    assert sorted(results) == list(range(leaders + 1)) and len(set(results.values())) == leaders + 1
-    assert database.group_sizes == {1: leaders + 1}
+    assert sorted(results) == list(range(total)) and len(set(results.values())) == total
+    assert database.group_sizes == {1: 1, full: leaders - 1, full + 1: 1}
     assert database._group_leaders == 0
 
 
