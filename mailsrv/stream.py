@@ -220,6 +220,13 @@ class LineStream:
 
     def __init__(self, sock: socket.socket, *, timeout: float, read_buffer: int = 8192):
         self.sock = sock
+        # Each write is a whole reply or command, sent at once: without TCP_NODELAY, a
+        # reply that follows another not yet ACKed (a pipelined client: USER, PASS, STAT
+        # in one packet) waits for the peer's delayed ACK, 40 ms on Linux (Nagle).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # (not TCP)
+            pass
         self.read_buffer = read_buffer
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.timeout = timeout
@@ -242,12 +249,11 @@ class LineStream:
             set_kernel_timeout(self.sock, seconds)
 
     def prompt(self) -> None:
-        """Neither side of this connection is to wait on the other's delayed ACK: the
-        writes go out at once (TCP_NODELAY), and, on a plain connection, what is read is
-        ACKed at once (TCP_QUICKACK, Linux). For a peer that answers in several small
-        writes, as a customer relaying its MTA's replies line by line does (fetchmail's
-        ODMR), each waiting on the ACK of the one before (Nagle)."""
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """The peer is not to wait on this side's delayed ACK: on a plain connection,
+        what is read is ACKed at once (TCP_QUICKACK, Linux; the writes of every stream
+        go out at once, TCP_NODELAY). For a peer that answers in several small writes,
+        as a customer relaying its MTA's replies line by line does (fetchmail's ODMR),
+        each waiting on the ACK of the one before (Nagle)."""
         raw = getattr(self.rfile, "raw", None)
         if isinstance(raw, SocketReader) and hasattr(socket, "TCP_QUICKACK"):
             raw.quickack = True

@@ -122,16 +122,30 @@ def test_connect_gives_a_client_stream_over_a_new_socket():
     assert seen == [b"QUIT\r\n"]
 
 
-def test_a_prompt_stream_sends_at_once_and_acks_at_once_and_still_reads():
-    """An ODMR turn's stream (LineStream.prompt): Nagle off, and each read asks for a
-    quick ACK, so a customer that relays its MTA's replies line by line is not held up."""
+def test_every_stream_sends_at_once():
+    """Nagle off on every stream: a reply that follows one not yet ACKed (a pipelining
+    client's USER, PASS and STAT) must not wait for the client's delayed ACK."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    theirs = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    LineStream(ours, timeout=5)
+    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    client = connect(listener.getsockname(), timeout=5)  # (and the client side's)
+    assert client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    for s in (theirs, ours, listener, client.sock):
+        s.close()
+
+
+def test_a_prompt_stream_acks_at_once_and_still_reads():
+    """An ODMR turn's stream (LineStream.prompt): each read asks for a quick ACK, so a
+    customer that relays its MTA's replies line by line is not held up."""
     listener = socket.create_server(("127.0.0.1", 0))
     theirs = socket.create_connection(listener.getsockname())
     ours, _ = listener.accept()
     stream = LineStream(ours, timeout=5)
-    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    assert stream.rfile.raw.quickack is False
     stream.prompt()
-    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assert stream.rfile.raw.quickack == hasattr(socket, "TCP_QUICKACK")
     theirs.sendall(b"250-first\r\n")
     theirs.sendall(b"250 second\r\n")
