@@ -136,6 +136,7 @@ class Database:
         dbapi = self.engine.dialect.loaded_dbapi
         self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
         self._integrity_error = dbapi.IntegrityError
+        self._programming_error = dbapi.ProgrammingError
         self._prepared: dict = {}
         self._raw_idle: list[tuple] = []  # (connection, idle since) kept by _raw_checkin
         self._group: list[_Grouped] = []  # works waiting for write_grouped's next turn
@@ -329,17 +330,27 @@ class Database:
             item.finish(result=result)
 
     @contextmanager
-    def read_raw(self) -> Iterator[Raw]:
-        """:meth:`read` on the driver's own connection (see :class:`Raw`)."""
-        with self._turn(), self._raw(write=False, durable=True) as raw:
+    def read_raw(self, snapshot: bool = True) -> Iterator[Raw]:
+        """:meth:`read` on the driver's own connection (see :class:`Raw`).
+        ``snapshot=False``: the caller's statements need not see the database as of one
+        moment (one statement, or reads of what does not change); on PostgreSQL each then
+        runs on its own, outside a transaction: one round trip to the server, where
+        BEGIN, the statement and COMMIT take three."""
+        with self._turn(), self._raw(write=False, durable=True, alone=not snapshot) as raw:
             yield raw
 
     @contextmanager
-    def _raw(self, write: bool, durable: bool) -> Iterator[Raw]:
+    def _raw(self, write: bool, durable: bool, alone: bool = False) -> Iterator[Raw]:
         connection = self._raw_checkout()
         try:
-            cursor = connection.cursor()
             sqlite = self.dialect == "sqlite"
+            alone = alone and not sqlite and not write
+            if alone:  # (psycopg then sends neither BEGIN nor COMMIT)
+                try:
+                    connection.dbapi_connection.autocommit = True
+                except self._programming_error as exc:  # (one already known to be broken)
+                    raise self._driver_errors[0](str(exc)) from exc
+            cursor = connection.cursor()
             if sqlite:
                 _sqlite_begin(cursor.execute, connection.info, write, durable)
             elif write and not durable:
@@ -354,13 +365,21 @@ class Database:
                         connection.rollback()
                 except self._driver_errors:
                     pass
+                if alone:  # (never back to the pool in autocommit: closed if it broke)
+                    try:
+                        connection.dbapi_connection.autocommit = False
+                    except Exception:
+                        connection.invalidate()
                 raise
+            if alone:
+                connection.dbapi_connection.autocommit = False
             if sqlite:
                 cursor.execute("COMMIT")
-            else:
+            elif not alone:
                 connection.commit()
         except self._driver_errors as exc:
-            connection.invalidate()  # (back to the pool, closed): fresh ones next time
+            if connection.is_valid:  # (not yet invalidated above)
+                connection.invalidate()  # (back to the pool, closed): fresh ones next time
             for kept, _ in self._take_kept():  # (they may have lost their server as well)
                 kept.invalidate()
             raise DatabaseUnavailable(_describe(exc)) from exc

@@ -397,6 +397,41 @@ def test_raw_connection_that_lost_its_server_is_replaced(database, db_url, monke
         assert c.scalar(select(literal(1))) == 1
 
 
+def test_reads_without_a_snapshot_run_outside_a_transaction_on_postgresql(database, db_url):
+    """read_raw(snapshot=False): on PostgreSQL each statement is a transaction of its own
+    (no BEGIN or COMMIT round trips), and the connection goes back transactional, also
+    when its server went away meanwhile (DatabaseUnavailable, then a working one)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite reads begin a transaction of their own")
+    from sqlalchemy import create_engine
+
+    from mailsrv.db import DatabaseUnavailable
+
+    started = text("SELECT transaction_timestamp(), pg_backend_pid()")
+    with database.read_raw(snapshot=False) as raw:
+        (first, pid), (second, _) = raw.execute(started).one(), raw.execute(started).one()
+    assert first != second  # (two round trips: two transactions)
+    with database.read_raw() as raw:
+        (first, _), (second, _) = raw.execute(started).one(), raw.execute(started).one()
+    assert first == second  # one snapshot, one transaction
+    kept = [connection.dbapi_connection for connection, _ in database._raw_idle]
+    assert kept and not any(connection.autocommit for connection in kept)
+
+    engine = create_engine(db_url)
+    with engine.connect() as other:  # the kept connection's server side ends
+        other.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+        other.commit()
+    engine.dispose()
+    with pytest.raises(DatabaseUnavailable), database.read_raw(snapshot=False) as raw:
+        raw.execute(started).one()
+    with database.read_raw(snapshot=False) as raw:
+        assert raw.execute(started).one()
+    assert not any(connection.dbapi_connection.autocommit for connection, _ in database._raw_idle)
+    with database.write_raw() as raw:  # a write after it is still one transaction
+        (first, _), (second, _) = raw.execute(started).one(), raw.execute(started).one()
+    assert first == second
+
+
 def test_raw_constraint_error_is_sqlalchemys_and_rolls_back(store, database, accounts):
     """A constraint broken in a raw transaction raises SQLAlchemy's IntegrityError, as
     Database.write does (the maildrop lock relies on it), and leaves nothing behind."""

@@ -132,7 +132,7 @@ class Directory:
 
     def find_account(self, address: str) -> AccountInfo | None:
         """The account with this address (any case), enabled or not; None if there is none."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             row = raw.execute(ACCOUNT_BY_ADDRESS, {"address": address.strip().lower()}).first()
             return AccountInfo(*row) if row else None
 
@@ -148,7 +148,7 @@ class Directory:
 
     def domain_kind(self, name: str) -> str | None:
         """``local``, ``odmr`` or None for a domain we do not serve."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             return raw.scalar(DOMAIN_KIND, {"name": name.strip().lower()})
 
     # --- domains ---------------------------------------------------------------------

@@ -95,7 +95,7 @@ class Leases:
         work) to ``owner`` for ``lease`` seconds: queued ones whose time has come, then
         those whose lease ran out. PostgreSQL skips rows another claim has locked. A plain
         read looks first, so an idle relay takes no write lock."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             if not due_in(raw, (REMOTE_QUEUED, REMOTE_EXPIRED), {"now": utcnow()}, 1, lock=False):
                 return []
         return self._claim(owner, lease, limit, [((REMOTE_QUEUED, REMOTE_EXPIRED), {})])
@@ -126,7 +126,7 @@ class Leases:
     def claim_uncollected(self, owner: str, before, lease: float, limit: int = 100) -> list[Claimed]:
         """Lease held recipients whose message was queued before ``before`` (held past the
         queue lifetime: the caller fails them). A plain read looks first."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             if not due_in(raw, (UNCOLLECTED,), {"before": before, "now": utcnow()}, 1, lock=False):
                 return []
         return self._claim(owner, lease, limit, [((UNCOLLECTED,), {"before": before})])

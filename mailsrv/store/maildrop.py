@@ -150,7 +150,7 @@ class Maildrops:
 
     def snapshot(self, account_id: int) -> list[MessageInfo]:
         """The account's messages in arrival order (id ascending): ids, uids, sizes; no bodies."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             return _snapshot_in(raw, account_id)
 
     def read_bodies(self, account_id: int, ids: Sequence[int]) -> Bodies:
@@ -163,7 +163,7 @@ class Maildrops:
         params = {"account": account_id, "low": min(wanted), "high": max(wanted)}
         if self.db.dialect == "sqlite" and len(wanted) > 1:
             return {k: v for k, v in self._bodies_in_one_row(params).items() if k in wanted}
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             rows = raw.execute(BODIES_BETWEEN, params).all()
         return {r[0]: (bytes(r[1]), r[2]) for r in rows if r[0] in wanted}
 
@@ -242,7 +242,7 @@ class Maildrops:
 
     def mailbox_usage(self, account_id: int) -> tuple[int, int]:
         """(messages, octets) in the account's mailbox."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             return Resolver(raw).mailbox_usage(account_id)
 
     def mailbox_list(self, address: str) -> list[tuple[int, str, int, datetime, bool, str]]:

@@ -347,12 +347,12 @@ class Queue:
 
     def bodies(self, queue_ids) -> dict[int, bytes]:
         """{queue id: the message as queued} (the relay's read before it sends)."""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             return queue_bodies_in(raw, queue_ids)
 
     def has_due(self) -> bool:
         """Is any recipient in our domains due (a plain read: no write lock)?"""
-        with self.db.read_raw() as raw:
+        with self.db.read_raw(snapshot=False) as raw:
             return bool(due_in(raw, (DUE_QUEUED, DUE_EXPIRED), {"now": utcnow()}, 1, lock=False))
 
     def deliver_due(
