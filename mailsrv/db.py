@@ -222,11 +222,14 @@ class Database:
             raise DatabaseUnavailable(_describe(exc)) from exc
 
     @contextmanager
-    def write_raw(self, durable: bool = True) -> Iterator[Raw]:
+    def write_raw(self, durable: bool = True, one_statement: bool = False) -> Iterator[Raw]:
         """:meth:`write` on the driver's own connection (see :class:`Raw`): for the few
         statements on the paths every message or login takes. Errors are raised as
-        :meth:`write` raises them: DatabaseUnavailable, or SQLAlchemy's IntegrityError."""
-        with self._writer_turn(), self._turn(), self._raw(write=True, durable=durable) as raw:
+        :meth:`write` raises them: DatabaseUnavailable, or SQLAlchemy's IntegrityError.
+        ``one_statement``: the caller runs a single statement, which on PostgreSQL then
+        is a transaction of its own (one round trip, where BEGIN, it and COMMIT take
+        three), committed durably whatever ``durable`` says."""
+        with self._writer_turn(), self._turn(), self._raw(write=True, durable=durable, alone=one_statement) as raw:
             yield raw
 
     def write_grouped(
@@ -344,7 +347,7 @@ class Database:
         connection = self._raw_checkout()
         try:
             sqlite = self.dialect == "sqlite"
-            alone = alone and not sqlite and not write
+            alone = alone and not sqlite
             if alone:  # (psycopg then sends neither BEGIN nor COMMIT)
                 try:
                     connection.dbapi_connection.autocommit = True
@@ -353,7 +356,7 @@ class Database:
             cursor = connection.cursor()
             if sqlite:
                 _sqlite_begin(cursor.execute, connection.info, write, durable)
-            elif write and not durable:
+            elif write and not durable and not alone:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
             try:
                 yield Raw(self, cursor)

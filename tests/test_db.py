@@ -24,7 +24,7 @@ STORE_MODULES = ("directory", "maildrop", "queue", "leases")
 SQLITE_ONLY = {"maildrop.BODIES_BETWEEN_ONE_ROW"}
 #: and only ever on PostgreSQL
 POSTGRES_ONLY = {"leases.DOMAIN_TURN", "queue.INSERT_QUEUED_WITH_RECIPIENT", "queue.POST_DELIVERED",
-                 "directory.ROUTES_OF"}
+                 "directory.ROUTES_OF", "maildrop.OPEN_MAILDROP", "maildrop.CLOSE_MAILDROP"}
 WHEN = datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)
 
 
@@ -121,7 +121,8 @@ def test_raw_path_agrees_with_sqlalchemy(name, statement, store, database, accou
     ids = {"account": ann, "account_id": ann, "queue_id": queue_id, "rid": rid, "id": message_id, "low": 1,
            "high": message_id + 10, "name": "example.org", "domain": "example.org", "address": "ann@example.org",
            "message": message_id, "lock_holder": "me:1", "owner": "me:1", "message_account_id": ann,
-           "addresses": ["ann@example.org", "x@elsewhere.example"], "names": ["example.org", "elsewhere.example"]}
+           "addresses": ["ann@example.org", "x@elsewhere.example"], "names": ["example.org", "elsewhere.example"],
+           "deleted": [message_id], "retrieved": [message_id + 1], "holder": "me:1"}
     values = _sample_values(statement, database, ids)
 
     raw_seen: list = []

@@ -450,12 +450,14 @@ def test_raw_constraint_error_is_sqlalchemys_and_rolls_back(store, database, acc
 
 
 def test_login_that_loses_the_lock_race_is_told_in_use(store, database, accounts, db_url):
-    """PostgreSQL: two logins to one maildrop at once both find no lock row (FOR UPDATE
-    locks nothing that is not there); the second one's insert waits for the first to
-    commit, then breaks the key. That login gets None (IN-USE), not an error."""
+    """PostgreSQL: two logins to one maildrop at once both find no lock row; the second
+    one's insert waits for the first to commit, then finds the first one's lock (its
+    insert does nothing on the conflict) and is refused. That login gets None (IN-USE),
+    not an error, and the first one's lock stays."""
     if not db_url.startswith("postgresql"):
         pytest.skip("PostgreSQL only: SQLite write transactions never overlap")
     import threading
+    from datetime import timedelta
 
     from sqlalchemy import create_engine
 
@@ -466,7 +468,8 @@ def test_login_that_loses_the_lock_race_is_told_in_use(store, database, accounts
     store.maildrops.deliver_local(ann, b"x\r\n")
     got: list = []
     with database.write_raw(durable=False) as c:  # the first login, not yet committed
-        c.execute(INSERT_LOCK, {"account_id": ann, "holder": lock_holder("first"), "expires_at": utcnow()})
+        first = {"account_id": ann, "holder": lock_holder("first"), "expires_at": utcnow() + timedelta(seconds=60)}
+        c.execute(INSERT_LOCK, first)
         second = threading.Thread(target=lambda: got.append(store.maildrops.open_maildrop(ann, lock_holder("second"), 60)))
         second.start()
         watcher = create_engine(db_url)
@@ -485,3 +488,5 @@ def test_login_that_loses_the_lock_race_is_told_in_use(store, database, accounts
             watcher.dispose()
     second.join(30)
     assert got == [None]
+    with database.read() as s:
+        assert s.execute(text("SELECT holder FROM maildrop_locks")).all() == [(lock_holder("first"),)]

@@ -11,7 +11,20 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    Integer,
+    any_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from ..db import Database
@@ -42,6 +55,46 @@ _ONE_MESSAGE = (Message.account_id == bindparam("account"), Message.id == bindpa
 DELETE_MESSAGE = delete(Message).where(*_ONE_MESSAGE)
 SET_SEEN = update(Message).where(*_ONE_MESSAGE).values(seen=bindparam("seen"))
 INSERT_MESSAGE = insert(Message).returning(Message.id)
+
+#: (Raw, PostgreSQL) a login in one statement, when no lock row is there: the lock taken,
+#: the login time noted and the snapshot read (a row of NULLs for an empty maildrop); no
+#: row when a lock is there (then open_maildrop looks at it as on SQLite)
+_LOCKED = (
+    postgresql.insert(MaildropLock)
+    .values(account_id=bindparam("account"), holder=bindparam("holder"), expires_at=bindparam("expires"))
+    .on_conflict_do_nothing(index_elements=[MaildropLock.account_id])
+    .returning(MaildropLock.account_id)
+    .cte("locked")
+)
+_MARKED = (
+    update(Account)
+    .where(Account.id.in_(select(_LOCKED.c.account_id)))
+    .values(last_login_at=bindparam("now"))
+    .cte("marked")
+)
+OPEN_MAILDROP = (
+    select(Message.id, Message.uid, Message.size, Message.seen)
+    .select_from(_LOCKED.outerjoin(Message, Message.account_id == _LOCKED.c.account_id))
+    .add_cte(_MARKED)
+    .order_by(Message.id)
+)
+#: (Raw, PostgreSQL) a session's end in one statement: the marked messages deleted (how
+#: many is the result), the retrieved ones marked seen, our lock released
+_IDS = ARRAY(Integer)
+_GONE = (
+    delete(Message)
+    .where(Message.account_id == bindparam("account"), Message.id == any_(bindparam("deleted", type_=_IDS)))
+    .returning(Message.id)
+    .cte("gone")
+)
+_SEEN = (
+    update(Message)
+    .where(Message.account_id == bindparam("account"), Message.id == any_(bindparam("retrieved", type_=_IDS)))
+    .values(seen=true())
+    .cte("seen")
+)
+_RELEASED = delete(MaildropLock).where(*_OUR_LOCK).cte("released")
+CLOSE_MAILDROP = select(func.count()).select_from(_GONE).add_cte(_SEEN, _RELEASED)
 
 #: (Raw) the hot read of POP3 retrieval: a range of one account's messages, as plain SQL
 #: so that no type processing copies the bodies (read_bodies drops ids not asked for)
@@ -127,6 +180,13 @@ class Maildrops:
     def open_maildrop(self, account_id: int, holder: str, ttl: float) -> list[MessageInfo] | None:
         """Log in to a maildrop: take its lock, note the login time, and return the snapshot
         (as :meth:`snapshot`), all in one transaction. None when the lock is held."""
+        if self.db.dialect == "postgresql":  # (one statement, unless a lock row is there)
+            params = {"account": account_id, "holder": holder, "now": utcnow()}
+            params["expires"] = params["now"] + timedelta(seconds=ttl)
+            with self.db.write_raw(one_statement=True) as raw:
+                rows = raw.execute(OPEN_MAILDROP, params).all()
+            if rows:
+                return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows if r[0] is not None]
         try:
             with self.db.write_raw(durable=False) as raw:
                 if not _take_lock(raw, account_id, holder, ttl):
@@ -142,6 +202,10 @@ class Maildrops:
         messages were deleted. If it raises, nothing changed (and the lock is still ours)."""
         delete_ids = sorted(set(delete_ids))
         seen_ids = sorted(set(seen_ids) - set(delete_ids))
+        if self.db.dialect == "postgresql":  # (one statement)
+            params = {"account": account_id, "lock_holder": holder, "deleted": delete_ids, "retrieved": seen_ids}
+            with self.db.write_raw(one_statement=True) as raw:
+                return raw.execute(CLOSE_MAILDROP, params).scalar_one()
         with self.db.write_raw(durable=bool(delete_ids)) as raw:
             removed = _delete_in(raw, account_id, delete_ids)
             _set_seen_in(raw, account_id, seen_ids, True)
