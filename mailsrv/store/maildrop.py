@@ -131,8 +131,13 @@ def message_row(account_id: int, body: bytes, sender: str, received_at: datetime
     }
 
 
+def _info(row) -> MessageInfo:
+    """A row of :data:`SNAPSHOT` (or of :data:`OPEN_MAILDROP`) as a MessageInfo."""
+    return MessageInfo(row[0], row[1], row[2], bool(row[3]))
+
+
 def _snapshot_in(raw, account_id: int) -> list[MessageInfo]:
-    return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in raw.execute(SNAPSHOT, {"account": account_id}).all()]
+    return [_info(r) for r in raw.execute(SNAPSHOT, {"account": account_id}).all()]
 
 
 def _delete_in(raw, account_id: int, ids: Sequence[int]) -> int:
@@ -186,7 +191,7 @@ class Maildrops:
             with self.db.write_raw(one_statement=True) as raw:
                 rows = raw.execute(OPEN_MAILDROP, params).all()
             if rows:
-                return [MessageInfo(r[0], r[1], r[2], bool(r[3])) for r in rows if r[0] is not None]
+                return [_info(r) for r in rows if r[0] is not None]
         try:
             with self.db.write_raw(durable=False) as raw:
                 if not _take_lock(raw, account_id, holder, ttl):
