@@ -189,6 +189,7 @@ class MailsrvWithStore:
     def __init__(self, folder: Path, domain: str, *, name: str = "mailsrv", database: str = "sqlite",
                  code: Path | None = None, processes: int = 1, **sections: dict[str, str]):
         from mailsrv import db as dbmod
+        from mailsrv import migrate
         from mailsrv.store import Store
 
         self.name = name
@@ -201,7 +202,7 @@ class MailsrvWithStore:
             for n in range(1, processes)
         ]
         self.db = dbmod.Database(self.process.database)
-        dbmod.upgrade(self.db)
+        migrate.upgrade(self.db)
         self.store = Store(self.db)
         self.store.directory.add_domain(domain)
 

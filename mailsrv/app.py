@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import db as dbmod
-from . import metrics
+from . import metrics, migrate
 from .auth import Authenticator
 from .config import Config, ConfigError, load_config
 from .cpu import pin_to_one_cpu
@@ -120,7 +120,7 @@ class App:
     # --- building --------------------------------------------------------------------
 
     def prepare_database(self) -> None:
-        revision = dbmod.upgrade(self.db)
+        revision = migrate.upgrade(self.db)
         released = self.store.maildrops.release_dead_locks()
         log.info("database ready at revision %s (%s)", revision, self.db.engine.url.render_as_string())
         if released:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from sqlalchemy import func, insert, inspect, select, text
 
 from . import db as dbmod
+from . import migrate
 from .models import Base
 from .store import Refused
 
@@ -47,7 +48,7 @@ def copy_database(source: dbmod.Database, target: dbmod.Database,
                   progress: Callable[[str, int], None] = lambda table, rows: None) -> dict[str, int]:
     """Copy every table of ``source`` into ``target`` (see the module docstring); return
     the rows copied per table."""
-    dbmod.upgrade(target)
+    migrate.upgrade(target)
     tables = Base.metadata.sorted_tables  # (parents before children)
     with target.read_core() as conn:
         for table in tables:

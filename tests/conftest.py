@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from mailsrv import db as dbmod
+from mailsrv import migrate
 from mailsrv.app import App
 from mailsrv.auth import hash_password
 from mailsrv.config import Config
@@ -54,7 +55,7 @@ def db_url(request, tmp_path):
 @pytest.fixture
 def database(db_url):
     database = dbmod.Database(db_url)
-    dbmod.upgrade(database)
+    migrate.upgrade(database)
     yield database
     database.dispose()
 

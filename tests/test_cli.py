@@ -9,7 +9,7 @@ import sys
 import pytest
 from sqlalchemy import text
 
-from mailsrv import cli
+from mailsrv import cli, migrate
 from mailsrv import db as dbmod
 
 
@@ -45,9 +45,9 @@ def rows(db_url: str, sql: str):
 
 def test_db_init_and_upgrade_are_idempotent(run):
     status, out, _ = run("db", "init")
-    assert status == 0 and f"revision {dbmod.HEAD_REVISION}" in out
+    assert status == 0 and f"revision {migrate.HEAD_REVISION}" in out
     status, out, _ = run("db", "init")
-    assert status == 0 and f"already at revision {dbmod.HEAD_REVISION}" in out
+    assert status == 0 and f"already at revision {migrate.HEAD_REVISION}" in out
     status, out, _ = run("db", "upgrade")
     assert status == 0 and "already" in out
 

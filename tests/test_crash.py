@@ -338,9 +338,9 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path, db_url, smarthost):  #
     conf.write_text(conf.read_text().replace("relayhost =\n", f"relayhost = 127.0.0.1:{sink.port}\n")
                     .replace("relay_tls = may", "relay_tls = none").replace("workers = 2", "workers = 1"))
     database = Database(db_url)
-    from mailsrv import db as dbmod
+    from mailsrv import migrate
 
-    dbmod.upgrade(database)
+    migrate.upgrade(database)
     store = Store(database)
     hashed = hash_password(PASSWORD, 4)
     store.directory.add_domain("example.org")

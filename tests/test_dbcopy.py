@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from mailsrv import cli
+from mailsrv import cli, migrate
 from mailsrv import db as dbmod
 from mailsrv.auth import hash_password
 from mailsrv.models import Base, utcnow
@@ -18,7 +18,7 @@ def office(tmp_path) -> tuple[str, Store]:
     """An SQLite office with a row in every table, and a gap: the newest message deleted."""
     url = f"sqlite:///{tmp_path / 'office.db'}"
     database = dbmod.Database(url)
-    dbmod.upgrade(database)
+    migrate.upgrade(database)
     store = Store(database)
     store.directory.add_domain("example.org")
     store.directory.add_domain("customer.example", "odmr")

@@ -10,6 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from mailsrv import db as dbmod
+from mailsrv import migrate
 from mailsrv.models import Base
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schema"
@@ -18,7 +19,7 @@ SCHEMA = Path(__file__).resolve().parent.parent / "schema"
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_committed_schema_files_match_the_models(dialect):
     committed = (SCHEMA / f"{dialect}.sql").read_text()
-    assert committed == dbmod.schema_ddl(dialect), (
+    assert committed == migrate.schema_ddl(dialect), (
         f"schema/{dialect}.sql is stale: run `mailsrv db schema --dialect {dialect} > schema/{dialect}.sql`"
     )
 
@@ -35,8 +36,8 @@ def test_migrations_build_exactly_the_models(database):
 
 
 def test_upgrade_is_idempotent(database):
-    assert dbmod.current_revision(database) == dbmod.upgrade(database)
-    assert dbmod.upgrade(database) == dbmod.current_revision(database)
+    assert migrate.current_revision(database) == migrate.upgrade(database)
+    assert migrate.upgrade(database) == migrate.current_revision(database)
 
 
 def test_sqlite_schema_file_runs(tmp_path):
@@ -64,7 +65,7 @@ def database_at(db_url: str, revision: str) -> dbmod.Database:
     from alembic import command
 
     database = dbmod.Database(db_url)
-    cfg = dbmod.alembic_config(database)
+    cfg = migrate.alembic_config(database)
     with database.engine.connect() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
@@ -89,7 +90,7 @@ def test_upgrade_from_0001_keeps_mail_and_pop3_still_stuffs_it(db_url):
                 sql("INSERT INTO messages (account_id, uid, sender, size, body, received_at, seen) VALUES (1, :u, '', :n, :b, CURRENT_TIMESTAMP, :f)"),
                 {"u": uid, "n": len(body), "b": body, "f": False},
             )
-    assert dbmod.upgrade(database) == dbmod.HEAD_REVISION  # (the newest)
+    assert migrate.upgrade(database) == migrate.HEAD_REVISION  # (the newest)
     store = Store(database)
     ids = [m.id for m in store.maildrops.snapshot(1)]
     for wanted in (ids[:1], ids):  # one message alone, and a batch (on SQLite read as one value)
@@ -122,7 +123,7 @@ def test_postgresql_bodies_are_lz4_and_those_stored_before_still_read(db_url):
     with database.read_core() as connection:
         offered = connection.execute(sql(
             "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")).scalar()
-    assert dbmod.upgrade(database) == dbmod.HEAD_REVISION
+    assert migrate.upgrade(database) == migrate.HEAD_REVISION
     store.maildrops.deliver_local(account, texts[1])
     with database.read_core() as connection:
         methods = [r[0] for r in connection.execute(sql("SELECT pg_column_compression(body) FROM messages ORDER BY id"))]
@@ -140,7 +141,7 @@ def test_postgresql_bodies_are_lz4_and_those_stored_before_still_read(db_url):
 def test_head_revision_constant_is_alembics_head(database):
     from alembic.script import ScriptDirectory
 
-    assert ScriptDirectory.from_config(dbmod.alembic_config(database)).get_current_head() == dbmod.HEAD_REVISION
+    assert ScriptDirectory.from_config(migrate.alembic_config(database)).get_current_head() == migrate.HEAD_REVISION
 
 
 def test_durable_writes_sync_fully_after_a_lighter_one(database):

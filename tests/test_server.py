@@ -13,7 +13,8 @@ import pytest
 
 from mailsrv.auth import Authenticator
 from mailsrv.config import AuthConfig
-from mailsrv.db import Database, DatabaseUnavailable, upgrade
+from mailsrv.db import Database, DatabaseUnavailable
+from mailsrv.migrate import upgrade
 from mailsrv.server import (
     ConnectionLimiter,
     LineHandler,

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import event
 
 from mailsrv import db as dbmod
+from mailsrv import migrate
 from mailsrv.db import DatabaseUnavailable, _Turns
 
 
@@ -54,7 +55,7 @@ def test_a_turn_asked_inside_one_is_given_at_once_and_a_wait_can_end():
 @pytest.fixture
 def two_at_once(db_url):
     database = dbmod.Database(db_url, transactions=2)
-    dbmod.upgrade(database)
+    migrate.upgrade(database)
     yield database
     database.dispose()
 

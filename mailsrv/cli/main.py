@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from .. import __version__
+from .. import __version__, migrate
 from .. import db as dbmod
 from ..config import Config, ConfigError, load_config
 from ..store import Refused, Store
@@ -48,13 +48,13 @@ def cmd_serve(config: Config, args) -> int:
 def cmd_db(config: Config | None, args) -> int:
     if args.action == "schema":
         dialect = args.dialect or dbmod.Database(config.server.database).dialect
-        sys.stdout.write(dbmod.schema_ddl(dialect))
+        sys.stdout.write(migrate.schema_ddl(dialect))
         return EXIT_OK
     if args.action == "copy":
         return cmd_db_copy(config, args)
     database = dbmod.Database(config.server.database)
-    before = dbmod.current_revision(database)
-    after = dbmod.upgrade(database)
+    before = migrate.current_revision(database)
+    after = migrate.upgrade(database)
     if before == after:
         print(f"database already at revision {after}")
     else:
@@ -69,7 +69,7 @@ def cmd_db_copy(config: Config, args) -> int:
         raise Refused("--to names this configuration's own database")
     source, target = dbmod.Database(config.server.database), dbmod.Database(args.to)
     try:
-        if dbmod.current_revision(source) != dbmod.HEAD_REVISION:
+        if migrate.current_revision(source) != migrate.HEAD_REVISION:
             raise Refused("the source database is not at this mailsrv's schema: run mailsrv db upgrade first")
         copied = copy_database(source, target)
     finally:
@@ -224,8 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_dkim(config, args)
         database = dbmod.Database(config.server.database)
         try:
-            if not dbmod.schema_ready(database):
-                dbmod.upgrade(database)
+            if not migrate.schema_ready(database):
+                migrate.upgrade(database)
             return STORE_COMMANDS[args.command](Store(database), config, args)
         finally:
             database.dispose()

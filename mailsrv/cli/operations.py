@@ -33,6 +33,7 @@ import ssl
 from datetime import UTC, datetime
 
 from .. import db as dbmod
+from .. import migrate
 from ..config import ConfigError, load_config
 from ..store import Store, this_host
 from .format import human_size, table, when
@@ -144,9 +145,9 @@ def print_status(status: dict) -> None:
 def cmd_status(config, args) -> int:
     database = dbmod.Database(config.server.database)
     try:
-        revision = dbmod.current_revision(database)
-        if revision != dbmod.HEAD_REVISION:
-            print(f"mailsrv: the database is at revision {revision or 'none'}, not {dbmod.HEAD_REVISION}:"
+        revision = migrate.current_revision(database)
+        if revision != migrate.HEAD_REVISION:
+            print(f"mailsrv: the database is at revision {revision or 'none'}, not {migrate.HEAD_REVISION}:"
                   " run mailsrv db upgrade (or start mailsrv serve)")
             return EXIT_PROBLEMS
         status = gather_status(Store(database))
@@ -275,15 +276,15 @@ def check_domains(store: Store, report: Report) -> None:
 def check_database(database: dbmod.Database, report: Report) -> Store | None:
     """Does the database answer, at this mailsrv's schema? Its store when it does."""
     try:
-        revision = dbmod.current_revision(database)
+        revision = migrate.current_revision(database)
     except dbmod.DatabaseUnavailable as exc:
         report.problem(f"database {database.engine.url.render_as_string()}: cannot be reached: {exc}")
         return None
     if revision is None:
         report.problem("the database has no schema yet: mailsrv db upgrade (or the first mailsrv serve) creates it")
-    elif revision != dbmod.HEAD_REVISION:
+    elif revision != migrate.HEAD_REVISION:
         report.problem(f"the database schema is at revision {revision}, this mailsrv needs"
-                       f" {dbmod.HEAD_REVISION}: run mailsrv db upgrade")
+                       f" {migrate.HEAD_REVISION}: run mailsrv db upgrade")
     else:
         report.ok(f"database answers, schema at revision {revision}")
         return Store(database)
